@@ -1,1 +1,261 @@
-fn main(){}
+//! The `wisp` command line.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use vmm::config::{self, HostLimits, VmConfig};
+use vmm::console::{Console, ConsoleSpec};
+use vmm::host::{self, measure_kernel_mode};
+use vmm::outcome::Outcome;
+use vmm::vm::{BuildOptions, Vm};
+
+/// Iterations of the timing guest `wisp run` uses to detect emulated kernel mode
+/// (about 30 ms where it is emulated, microseconds on hardware).
+const RUN_PROBE_ITERATIONS: u32 = 20_000;
+
+/// Set while the terminal is raw, so log lines end in "\r\n".
+static RAW_TERMINAL: AtomicBool = AtomicBool::new(false);
+
+#[derive(Parser)]
+#[command(
+    name = "wisp",
+    version,
+    about = "wisp: a small, fast KVM virtual machine monitor",
+    long_about = "wisp: a small, fast KVM virtual machine monitor.\n\n\
+        It boots Linux (ELF vmlinux or bzImage) on KVM with a serial console.\n\
+        Start with `wisp doctor` to check this host, then `wisp run` to boot the\n\
+        default guest (built by scripts/build-guest.sh).\n\n\
+        Logging goes to stderr; set WISP_LOG=debug (or trace) for more."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM and attach its serial console to this terminal.
+    Run(RunArgs),
+    /// Check /dev/kvm, the capabilities wisp needs, and how fast guest kernel mode runs.
+    Doctor,
+}
+
+#[derive(Args)]
+#[command(after_long_help = "\
+CONSOLE:
+  With --console stdio on a terminal, the terminal is switched to raw mode and every key
+  goes to the guest. Press Ctrl-A then x to quit (the VM is stopped); Ctrl-A Ctrl-A sends
+  a literal Ctrl-A. When stdin is a pipe or a file, every byte reaches the guest, paced by
+  the UART so nothing is lost; end of input leaves the VM running.
+
+GUEST DEVICES:
+  COM1 (0x3f8, IRQ 4) is the console. The i8042 reset (Linux reboot=k) ends the VM with
+  status 0. Writing a byte N to I/O port 0x500 ends the VM with status N (debug exit).
+  Writing 0x7b to port 0x501 marks boot complete: wisp logs the time since it started.
+
+EXIT STATUS:
+  0 when the guest powers off or reboots (or you quit with Ctrl-A x), N when it writes N to
+  the debug-exit port, 1 on errors (bad input, host problems, guest crash: triple fault,
+  KVM emulation failure), 128+signal when wisp is stopped by a signal.
+
+EXAMPLES:
+  wisp run                                  # the default guest from scripts/build-guest.sh
+  wisp run --cpus 2 --memory 256            # ... with 2 vCPUs and 256 MiB
+  wisp run --kernel vmlinux --initrd initrd.img --cmdline 'root=/dev/vda'
+  wisp run --kernel target/guest/probe --cmdline probe.cmd=hello")]
+struct RunArgs {
+    /// Kernel to boot: an x86_64 ELF vmlinux (PVH entry if it has the PVH note, else the
+    /// 64-bit entry) or a bzImage. Default: the default guest's kernel
+    /// (target/guest/vmlinux, built by scripts/build-guest.sh), with its initramfs.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Initial ramdisk (initramfs) loaded at the top of low memory.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Extra kernel command line, appended to wisp's defaults
+    /// ("console=ttyS0 reboot=k panic=-1"; on hosts where guest kernel mode is emulated,
+    /// also "noxsave clearcpuid=... quiet" and friends, see `wisp doctor`). Later words
+    /// override earlier ones, e.g. --cmdline loglevel=7 undoes quiet.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+
+    /// Number of vCPUs (1 to the host's KVM limit, at most 254). The guest sees them
+    /// through an MP table, as one socket with that many cores.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u64,
+
+    /// Guest RAM in MiB (at least 16, at most the host's RAM). Memory is allocated
+    /// lazily: an idle guest costs only what it touches.
+    #[arg(long, value_name = "MiB", default_value_t = 128)]
+    memory: u64,
+
+    /// Where the serial console goes: `stdio` (this terminal or pipes), `file:PATH`
+    /// (output appended to PATH, no input), or `none`.
+    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio")]
+    console: ConsoleSpec,
+
+    /// Name of the VM, shown in logs. Letters, digits, '-', '_' and '.'.
+    /// Default: wisp-<pid>.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+}
+
+fn init_logging() {
+    let env = env_logger::Env::new()
+        .filter_or("WISP_LOG", "info")
+        .write_style("WISP_LOG_STYLE");
+    env_logger::Builder::from_env(env)
+        .format(|buf, record| {
+            let eol = if RAW_TERMINAL.load(Ordering::Relaxed) {
+                "\r\n"
+            } else {
+                "\n"
+            };
+            let level = record.level().to_string().to_lowercase();
+            write!(buf, "[wisp {level}] {}{eol}", record.args())
+        })
+        .init();
+}
+
+/// Where the default guest lives: $WISP_GUEST_DIR, else target/guest next to the
+/// directory holding this binary (target/release/wisp -> target/guest).
+fn default_guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WISP_GUEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|t| t.join("guest")))
+        .unwrap_or_else(|| PathBuf::from("target/guest"))
+}
+
+fn resolve_kernel(args: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
+    if let Some(kernel) = &args.kernel {
+        return Ok((kernel.clone(), args.initrd.clone()));
+    }
+    let dir = default_guest_dir();
+    let kernel = dir.join("vmlinux");
+    if !kernel.is_file() {
+        bail!(
+            "no --kernel given and the default guest is not built ({} is missing): run scripts/build-guest.sh, or pass --kernel",
+            kernel.display()
+        );
+    }
+    let initrd = args
+        .initrd
+        .clone()
+        .or_else(|| Some(dir.join("initramfs.cpio.gz")).filter(|p| p.is_file()));
+    Ok((kernel, initrd))
+}
+
+fn check_readable(what: &str, path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .map(drop)
+        .with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+fn run(args: RunArgs, start: Instant) -> Result<u8> {
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("wisp-{}", std::process::id()));
+    config::check_name(&name)?;
+    let (kernel, initrd) = resolve_kernel(&args)?;
+    check_readable("kernel", &kernel)?;
+    if let Some(i) = &initrd {
+        check_readable("initrd", i)?;
+    }
+    let kvm = host::open_kvm()?;
+    let missing = host::missing_caps(&kvm);
+    if !missing.is_empty() {
+        bail!(
+            "this host's KVM lacks {} (see `wisp doctor`)",
+            missing.join(", ")
+        );
+    }
+    let limits = HostLimits {
+        max_vcpus: kvm.get_max_vcpus() as u64,
+        ram_mib: config::host_ram_mib().unwrap_or(u64::MAX),
+    };
+    let cpus = config::check_cpus(args.cpus, &limits)?;
+    let memory_mib = config::check_memory(args.memory, &limits)?;
+
+    let speed = measure_kernel_mode(&kvm, RUN_PROBE_ITERATIONS)?;
+    if speed.emulated() {
+        log::info!(
+            "guest kernel mode is emulated on this host ({:.1} M instructions/s): adding an emulation-friendly kernel cmdline (see `wisp doctor`)",
+            speed.instructions_per_sec / 1e6
+        );
+    }
+    let config = VmConfig {
+        name,
+        kernel,
+        initrd,
+        cmdline: args.cmdline.clone(),
+        cpus,
+        memory_mib,
+    };
+    let mut console = Console::open(&args.console)?;
+    let output = console
+        .output
+        .take()
+        .context("console output already taken")?;
+    let vm = Vm::build(
+        kvm,
+        &config,
+        BuildOptions {
+            emulated_kernel_mode: speed.emulated(),
+            start,
+            serial_output: output,
+        },
+    )?;
+    log::debug!(
+        "{}: {} vCPU(s), {} MiB, kernel {} ({:?})",
+        config.name,
+        config.cpus,
+        config.memory_mib,
+        config.kernel.display(),
+        vm.entry()
+    );
+    RAW_TERMINAL.store(console.is_raw(), Ordering::Relaxed);
+    let outcome = vm.run(console.input.take());
+    drop(console);
+    RAW_TERMINAL.store(false, Ordering::Relaxed);
+    let outcome = outcome?;
+    match &outcome {
+        Outcome::Crash(_) => bail!("{}", outcome.describe()),
+        o => log::info!("{}: {}", config.name, o.describe()),
+    }
+    Ok(u8::try_from(outcome.exit_code()).unwrap_or(1))
+}
+
+fn doctor() -> Result<u8> {
+    let kvm = host::open_kvm()?;
+    let report = vmm::doctor::run(&kvm, vmm::doctor::DOCTOR_ITERATIONS);
+    print!("{}", report.text);
+    Ok(if report.ok { 0 } else { 1 })
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run(args, start),
+        Command::Doctor => doctor(),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("wisp: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The VMM thread's epoll loop: the exit latch, console input (paced by the UART's
+//! "input drained" event) and termination signals.
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
+use devices::legacy::SerialDevice;
+use thiserror::Error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::{EscapeFilter, Input, InputSource};
+use crate::outcome::{ExitLatch, Outcome};
+use crate::signals::SignalFd;
+
+const TOKEN_LATCH: u64 = 0;
+const TOKEN_INPUT: u64 = 1;
+const TOKEN_DRAINED: u64 = 2;
+const TOKEN_SIGNAL: u64 = 3;
+const READ_CHUNK: usize = 4096;
+
+/// Errors of the event loop itself (not of the guest).
+#[derive(Debug, Error)]
+pub enum EventLoopError {
+    /// epoll failed.
+    #[error("event loop: {0}")]
+    Epoll(#[from] io::Error),
+}
+
+struct ConsoleIn {
+    input: Input,
+    escape: Option<EscapeFilter>,
+    pending: Vec<u8>,
+    pos: usize,
+    eof: bool,
+    watched: bool,
+}
+
+/// The VMM thread's loop.
+pub struct EventLoop {
+    epoll: Epoll,
+    latch: Arc<ExitLatch>,
+    serial: Arc<Mutex<SerialDevice>>,
+    drained: EventFd,
+    signals: SignalFd,
+    console: Option<ConsoleIn>,
+}
+
+impl EventLoop {
+    /// A loop over `latch`, the UART's drained event, `signals` and console `input`.
+    pub fn new(
+        latch: Arc<ExitLatch>,
+        serial: Arc<Mutex<SerialDevice>>,
+        drained: EventFd,
+        signals: SignalFd,
+        input: Option<Input>,
+    ) -> Result<Self, EventLoopError> {
+        let epoll = Epoll::new()?;
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(latch.eventfd().as_raw_fd(), TOKEN_LATCH)?;
+        add(drained.as_raw_fd(), TOKEN_DRAINED)?;
+        add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
+        let console = input.map(|input| ConsoleIn {
+            escape: input.escape.then(EscapeFilter::default),
+            input,
+            pending: Vec::new(),
+            pos: 0,
+            eof: false,
+            watched: false,
+        });
+        Ok(Self {
+            epoll,
+            latch,
+            serial,
+            drained,
+            signals,
+            console,
+        })
+    }
+
+    /// Runs until something reports an outcome.
+    pub fn run(&mut self) -> Result<Outcome, EventLoopError> {
+        self.feed()?;
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            if let Some(outcome) = self.latch.get() {
+                return Ok(outcome);
+            }
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_INPUT => self.read_input()?,
+                    TOKEN_DRAINED => {
+                        // The counter only wakes us; its value does not matter.
+                        let _ = self.drained.read();
+                        self.feed()?;
+                    }
+                    TOKEN_SIGNAL => {
+                        if let Some(signo) = self.signals.read() {
+                            self.latch.set(Outcome::Signal(signo));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn watch_input(&mut self, on: bool) -> io::Result<()> {
+        let Some(c) = self.console.as_mut() else {
+            return Ok(());
+        };
+        let InputSource::Stream(fd) = c.input.source else {
+            return Ok(());
+        };
+        if c.watched == on {
+            return Ok(());
+        }
+        let op = if on {
+            ControlOperation::Add
+        } else {
+            ControlOperation::Delete
+        };
+        self.epoll
+            .ctl(op, fd, EpollEvent::new(EventSet::IN, TOKEN_INPUT))?;
+        c.watched = on;
+        Ok(())
+    }
+
+    /// Reads one chunk of input into `pending`; returns false at end of input.
+    fn read_chunk(&mut self) -> io::Result<bool> {
+        let Some(c) = self.console.as_mut() else {
+            return Ok(false);
+        };
+        let mut buf = [0u8; READ_CHUNK];
+        let n = match &mut c.input.source {
+            InputSource::Stream(fd) => {
+                // SAFETY: reading into a local buffer of READ_CHUNK bytes from a
+                // descriptor that stays open for the life of the process (stdin).
+                let r = unsafe { libc::read(*fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if r < 0 {
+                    let e = io::Error::last_os_error();
+                    if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) {
+                        return Ok(true);
+                    }
+                    return Err(e);
+                }
+                r as usize
+            }
+            InputSource::File(f) => f.read(&mut buf)?,
+        };
+        if n == 0 {
+            c.eof = true;
+            return Ok(false);
+        }
+        c.pending.drain(..c.pos);
+        c.pos = 0;
+        let quit = match c.escape.as_mut() {
+            Some(filter) => filter.filter(&buf[..n], &mut c.pending),
+            None => {
+                c.pending.extend_from_slice(&buf[..n]);
+                false
+            }
+        };
+        if quit {
+            self.latch.set(Outcome::Quit);
+        }
+        Ok(true)
+    }
+
+    fn read_input(&mut self) -> Result<(), EventLoopError> {
+        if !self.read_chunk()? {
+            log::debug!("console input closed");
+            self.watch_input(false)?;
+            return Ok(());
+        }
+        self.feed()
+    }
+
+    /// Moves pending input into the UART FIFO as far as it has room, and decides whether
+    /// to read more now (room left) or wait for the guest to drain the FIFO.
+    fn feed(&mut self) -> Result<(), EventLoopError> {
+        loop {
+            let Some(c) = self.console.as_mut() else {
+                return Ok(());
+            };
+            if c.pos < c.pending.len() {
+                let n = lock(&self.serial).enqueue_input(&c.pending[c.pos..]);
+                c.pos += n;
+            }
+            let backlog = c.pos < c.pending.len();
+            let eof = c.eof;
+            let is_file = matches!(c.input.source, InputSource::File(_));
+            if backlog || eof {
+                // Wait for the drained event before reading more.
+                self.watch_input(false)?;
+                return Ok(());
+            }
+            if is_file {
+                let room = lock(&self.serial).fifo_capacity() > 0;
+                if !room || !self.read_chunk()? {
+                    return Ok(());
+                }
+            } else {
+                self.watch_input(true)?;
+                return Ok(());
+            }
+        }
+    }
+}

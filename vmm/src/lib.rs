@@ -1,0 +1,17 @@
+//! wisp: a small, fast KVM virtual machine monitor.
+//!
+//! See ARCHITECTURE.md at the repository root for the big picture.
+
+pub mod arch;
+pub mod cmdline;
+pub mod config;
+pub mod doctor;
+pub mod console;
+pub mod event_loop;
+pub mod host;
+pub mod loader;
+pub mod memory;
+pub mod outcome;
+pub mod signals;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,264 @@
+//! Building a VM from a [`VmConfig`] and running it: memory, kernel, boot structures,
+//! in-kernel irqchip and PIT, legacy devices, vCPU threads, and the VMM event loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use devices::legacy::serial::{SerialOutput, SERIAL_PORT_COUNT};
+use devices::legacy::{
+    BootTimer, DebugExit, SerialDevice, I8042, BOOT_COMPLETE_PORT, DEBUG_EXIT_PORT,
+    I8042_COMMAND_PORT, I8042_DATA_PORT,
+};
+use devices::{Bus, BusError, StopCallback};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::boot::{self, BootInfo};
+use crate::arch::layout::{CMDLINE_START, KVM_TSS_ADDRESS};
+use crate::arch::mptable;
+use crate::arch::regs::EntryPoint;
+use crate::cmdline;
+use crate::config::VmConfig;
+use crate::console::Input;
+use crate::event_loop::EventLoop;
+use crate::loader;
+use crate::memory::{self, GuestMemory};
+use crate::outcome::{ExitLatch, Outcome};
+use crate::signals::SignalFd;
+use crate::vcpu::{self, kick_signal, Vcpu};
+
+/// COM1's port base and IRQ.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// COM1's IRQ (ISA IRQ 4 = GSI 4).
+pub const SERIAL_IRQ: u32 = 4;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = KVM_TSS_ADDRESS - 0x1000;
+
+/// Errors building or running a VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// A VM-level KVM ioctl failed.
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Kernel or initrd.
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    /// Command line.
+    #[error(transparent)]
+    Cmdline(#[from] cmdline::CmdlineError),
+    /// Command line copy into guest memory.
+    #[error("cannot write the kernel command line: {0}")]
+    CmdlineWrite(linux_loader::loader::Error),
+    /// Boot structures.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// Device wiring.
+    #[error("device set-up: {0}")]
+    Bus(#[from] BusError),
+    /// vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// Event loop or other host I/O.
+    #[error("VMM I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// Event loop.
+    #[error(transparent)]
+    EventLoop(#[from] crate::event_loop::EventLoopError),
+}
+
+/// How to build the VM beyond its machine configuration.
+pub struct BuildOptions {
+    /// Whether guest kernel mode is emulated on this host (adds the friendly cmdline).
+    pub emulated_kernel_mode: bool,
+    /// wisp's process start, for the boot-complete time.
+    pub start: Instant,
+    /// Where guest serial output goes.
+    pub serial_output: SerialOutput,
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    // Field order is drop order: vCPUs and the VM fd go before the memory they map.
+    vcpus: Vec<Vcpu>,
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+    _mem: GuestMemory,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_drained: EventFd,
+    latch: Arc<ExitLatch>,
+    boot_time: Arc<OnceLock<Duration>>,
+    entry: EntryPoint,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm(what, e)
+}
+
+impl Vm {
+    /// Builds the VM described by `config` on `kvm`.
+    pub fn build(kvm: Kvm, config: &VmConfig, opts: BuildOptions) -> Result<Self, VmError> {
+        let mem_size = config.memory_mib << 20;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = memory::create(mem_size)?;
+        memory::register(&vm_fd, &mem)?;
+
+        let kernel = loader::load_kernel(&mem, mem_size, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(loader::load_initrd(&mem, mem_size, &kernel, path)?),
+            None => None,
+        };
+        let cmdline = cmdline::compose(&config.cmdline, opts.emulated_kernel_mode)?;
+        linux_loader::loader::load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
+            .map_err(VmError::CmdlineWrite)?;
+        let cmdline_len = cmdline
+            .as_cstring()
+            .map(|c| c.as_bytes().len())
+            .unwrap_or(0);
+        log::debug!("kernel cmdline: {:?}", cmdline.as_cstring());
+
+        mptable::setup(&mem, config.cpus)?;
+        let info = BootInfo {
+            mem_size,
+            cmdline_len,
+            initrd,
+            rsdp: None,
+        };
+        match kernel.entry {
+            EntryPoint::Pvh(_) => boot::write_pvh_start_info(&mem, &info)?,
+            EntryPoint::Linux64(_) => boot::write_boot_params(&mem, &info, kernel.header)?,
+        }
+
+        let latch = Arc::new(ExitLatch::new()?);
+        let stop_latch = latch.clone();
+        let on_stop: StopCallback =
+            Arc::new(move |reason| stop_latch.set(Outcome::Guest(reason)));
+
+        let serial_irq = EventFd::new(EFD_NONBLOCK)?;
+        vm_fd
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial_drained = EventFd::new(EFD_NONBLOCK)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            serial_drained.try_clone()?,
+            opts.serial_output,
+        )));
+        let boot_timer = BootTimer::new(opts.start);
+        let boot_time = boot_timer.result();
+        let i8042 = Arc::new(Mutex::new(I8042::new(on_stop.clone())));
+
+        let mut io_bus = Bus::new();
+        io_bus.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_COUNT)?;
+        io_bus.insert(i8042.clone(), I8042_DATA_PORT.into(), 1)?;
+        io_bus.insert(i8042, I8042_COMMAND_PORT.into(), 1)?;
+        io_bus.insert(
+            Arc::new(Mutex::new(DebugExit::new(on_stop))),
+            DEBUG_EXIT_PORT.into(),
+            1,
+        )?;
+        io_bus.insert(
+            Arc::new(Mutex::new(boot_timer)),
+            BOOT_COMPLETE_PORT.into(),
+            1,
+        )?;
+        let io_bus = Arc::new(io_bus);
+        let mmio_bus = Arc::new(Bus::new());
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let vcpu = Vcpu::new(&vm_fd, index, io_bus.clone(), mmio_bus.clone(), mem.clone())?;
+            vcpu.configure(&kvm, &supported, config.cpus, kernel.entry)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Self {
+            vcpus,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+            _mem: mem,
+            serial,
+            serial_drained,
+            latch,
+            boot_time,
+            entry: kernel.entry,
+        })
+    }
+
+    /// How the kernel is entered.
+    pub fn entry(&self) -> EntryPoint {
+        self.entry
+    }
+
+    /// The boot-complete time, once the guest has reported it.
+    pub fn boot_time(&self) -> Arc<OnceLock<Duration>> {
+        self.boot_time.clone()
+    }
+
+    /// Runs the VM until the guest stops, crashes, or the user or a signal ends it.
+    pub fn run(mut self, input: Option<Input>) -> Result<Outcome, VmError> {
+        vcpu::install_kick_handler()?;
+        let signals = SignalFd::new()?;
+        let mut event_loop = EventLoop::new(
+            self.latch.clone(),
+            self.serial.clone(),
+            self.serial_drained.try_clone()?,
+            signals,
+            input,
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut spawn_error = None;
+        for vcpu in self.vcpus.drain(..) {
+            match vcpu.spawn(stop.clone(), self.latch.clone()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+        let result = match spawn_error {
+            Some(e) => Err(e.into()),
+            None => event_loop.run().map_err(VmError::from),
+        };
+        stop.store(true, Ordering::Release);
+        for t in &threads {
+            // A thread that already exited cannot be signalled; nothing to do then.
+            let _ = t.kill(kick_signal());
+        }
+        for t in threads {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+        result
+    }
+}
