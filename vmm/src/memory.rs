@@ -74,6 +74,7 @@ pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::bitmap::Bitmap;
     use vm_memory::{Bytes, GuestMemoryBackend};
 
     #[test]
