@@ -129,16 +129,21 @@ impl Console {
 
 fn stdin_source() -> InputSource {
     let fd = io::stdin().as_raw_fd();
-    // A regular file cannot be registered with epoll; read it directly instead.
-    let is_file = std::fs::metadata("/proc/self/fd/0")
-        .map(|m| m.is_file())
-        .unwrap_or(false);
-    if is_file {
+    // Regular files and some devices (/dev/null) cannot be registered with epoll; read
+    // them directly instead, whenever the guest has room.
+    if !pollable(fd) {
         if let Ok(f) = File::open("/proc/self/fd/0") {
             return InputSource::File(f);
         }
     }
     InputSource::Stream(fd)
+}
+
+fn pollable(fd: RawFd) -> bool {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    Epoll::new()
+        .and_then(|ep| ep.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0)))
+        .is_ok()
 }
 
 /// Terminal raw mode, restored exactly on drop.

@@ -243,6 +243,23 @@ fn doctor() -> Result<u8> {
     Ok(if report.ok { 0 } else { 1 })
 }
 
+/// The error and its causes on one line, skipping causes whose text the previous message
+/// already includes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.replace('\n', " ")
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
@@ -254,7 +271,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("wisp: error: {e:#}");
+            eprintln!("wisp: error: {}", one_line(&e));
             ExitCode::from(1)
         }
     }

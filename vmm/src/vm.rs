@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::serial::{SerialOutput, SERIAL_PORT_COUNT};
 use devices::legacy::{
-    BootTimer, DebugExit, SerialDevice, I8042, BOOT_COMPLETE_PORT, DEBUG_EXIT_PORT,
+    AcpiSleep, BootTimer, DebugExit, SerialDevice, I8042, BOOT_COMPLETE_PORT, DEBUG_EXIT_PORT,
     I8042_COMMAND_PORT, I8042_DATA_PORT,
 };
 use devices::{Bus, BusError, StopCallback};
@@ -18,6 +18,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
+use crate::arch::acpi::{self, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 use crate::arch::boot::{self, BootInfo};
 use crate::arch::layout::{CMDLINE_START, KVM_TSS_ADDRESS};
 use crate::arch::mptable;
@@ -62,6 +63,9 @@ pub enum VmError {
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// Device wiring.
     #[error("device set-up: {0}")]
     Bus(#[from] BusError),
@@ -142,11 +146,12 @@ impl Vm {
         log::debug!("kernel cmdline: {:?}", cmdline.as_cstring());
 
         mptable::setup(&mem, config.cpus)?;
+        let rsdp = acpi::setup(&mem, config.cpus)?;
         let info = BootInfo {
             mem_size,
             cmdline_len,
             initrd,
-            rsdp: None,
+            rsdp: Some(rsdp),
         };
         match kernel.entry {
             EntryPoint::Pvh(_) => boot::write_pvh_start_info(&mem, &info)?,
@@ -171,11 +176,14 @@ impl Vm {
         let boot_timer = BootTimer::new(opts.start);
         let boot_time = boot_timer.result();
         let i8042 = Arc::new(Mutex::new(I8042::new(on_stop.clone())));
+        let acpi_sleep = Arc::new(Mutex::new(AcpiSleep::new(on_stop.clone())));
 
         let mut io_bus = Bus::new();
         io_bus.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_COUNT)?;
         io_bus.insert(i8042.clone(), I8042_DATA_PORT.into(), 1)?;
         io_bus.insert(i8042, I8042_COMMAND_PORT.into(), 1)?;
+        io_bus.insert(acpi_sleep.clone(), SLEEP_CONTROL_PORT.into(), 1)?;
+        io_bus.insert(acpi_sleep, SLEEP_STATUS_PORT.into(), 1)?;
         io_bus.insert(
             Arc::new(Mutex::new(DebugExit::new(on_stop))),
             DEBUG_EXIT_PORT.into(),

@@ -1,0 +1,120 @@
+//! `probe.cmd=LIST` parsing and the commands.
+//!
+//! LIST is a comma-separated sequence of `name` or `name:arg`, run in
+//! order. Empty items are skipped. Without any `probe.cmd=` word the list
+//! is `hello`; with several, the last one wins (as for Linux parameters).
+
+use crate::bootinfo::BootInfo;
+use crate::serial::Escaped;
+use crate::{io, status};
+
+const PARAM: &[u8] = b"probe.cmd=";
+const DEFAULT_LIST: &[u8] = b"hello";
+
+/// Address the hidden `fault` (`fault:pf`) command reads: just past the
+/// probe's identity map, so it raises a page fault. (`fault:gp` runs `hlt`
+/// in CPL3, `fault:ud` runs `ud2`.)
+const FAULT_ADDR: u64 = crate::bootinfo::MAPPED_LIMIT;
+
+/// Returns the value of the last `probe.cmd=` word of `cmdline`.
+pub fn find_list(cmdline: &[u8]) -> &[u8] {
+    cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .filter_map(|w| w.strip_prefix(PARAM))
+        .next_back()
+        .unwrap_or(DEFAULT_LIST)
+}
+
+/// Runs every command of `list` in order. Returns when all have run;
+/// commands that end the run (`exit:N`, errors) do not return.
+pub fn run_list(list: &[u8], boot: &BootInfo) {
+    for item in list.split(|&b| b == b',').filter(|i| !i.is_empty()) {
+        let (name, arg) = match item.iter().position(|&b| b == b':') {
+            Some(i) => (&item[..i], Some(&item[i + 1..])),
+            None => (item, None),
+        };
+        run_one(item, name, arg, boot);
+    }
+}
+
+fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
+    match (name, arg) {
+        (b"hello", None) => println!("probe: hello"),
+        (b"exit", Some(arg)) => match parse_u8(arg) {
+            Some(n) => io::exit(n),
+            None => usage_error(item, "exit status must be 0..255"),
+        },
+        (b"meminfo", None) => {
+            let mib = boot.ram_bytes().div_ceil(1 << 20);
+            println!("probe: mem={mib}");
+        }
+        (b"e820", None) => {
+            for r in boot.memory_map() {
+                let end = r.addr.wrapping_add(r.size).wrapping_sub(1);
+                println!("probe: e820 {:#x}-{:#x} {}", r.addr, end, r.kind);
+            }
+        }
+        (b"cmdline", None) => println!("probe: cmdline={}", Escaped(boot.cmdline())),
+        (b"boot", None) => println!("probe: boot={}", boot.protocol.name()),
+        (b"bootdone", None) => {
+            io::boot_done();
+            println!("probe: bootdone");
+        }
+        // Hidden: exercise the exception path (see `fault`).
+        (b"fault", None | Some(b"pf")) => fault_pf(),
+        (b"fault", Some(b"gp")) => {
+            // SAFETY: deliberately faults: `hlt` in CPL3 raises #GP(0) and
+            // the exception path ends the run.
+            unsafe { core::arch::asm!("hlt", options(nomem, nostack)) };
+        }
+        (b"fault", Some(b"ud")) => {
+            // SAFETY: deliberately faults: `ud2` raises #UD and the
+            // exception path ends the run.
+            unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+        }
+        (b"hello" | b"meminfo" | b"e820" | b"cmdline" | b"boot" | b"bootdone", Some(_)) => {
+            usage_error(item, "takes no argument")
+        }
+        (b"exit", None) => usage_error(item, "needs an argument: exit:N"),
+        (b"fault", Some(_)) => usage_error(item, "use fault, fault:pf, fault:gp or fault:ud"),
+        _ => {
+            println!("probe: unknown command '{}'", Escaped(item));
+            io::exit(status::USAGE)
+        }
+    }
+}
+
+/// Reads just past the probe's identity map: #PF (status 0xee).
+fn fault_pf() {
+    let p = core::ptr::with_exposed_provenance::<u64>(FAULT_ADDR as usize);
+    // SAFETY: not sound on purpose: the address is unmapped, the CPU
+    // raises #PF and the exception path ends the run, so the read never
+    // completes.
+    let v = unsafe { core::ptr::read_volatile(p) };
+    println!("probe: read {v:#x} at {FAULT_ADDR:#x} without a fault");
+}
+
+fn usage_error(item: &[u8], why: &str) -> ! {
+    println!("probe: bad command '{}': {why}", Escaped(item));
+    io::exit(status::USAGE)
+}
+
+/// Parses a decimal (or `0x` hex) number 0..=255.
+fn parse_u8(s: &[u8]) -> Option<u8> {
+    let (digits, radix) = match s.strip_prefix(b"0x") {
+        Some(hex) => (hex, 16),
+        None => (s, 10),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: u32 = 0;
+    for &b in digits {
+        let d = (b as char).to_digit(radix)?;
+        v = v.checked_mul(radix)?.checked_add(d)?;
+        if v > 255 {
+            return None;
+        }
+    }
+    u8::try_from(v).ok()
+}
