@@ -175,7 +175,10 @@ mod tests {
             bus.insert(dev(), 0x0, 0x1000),
             Err(BusError::Overlap { .. })
         ));
-        assert_eq!(bus.insert(dev(), 0x200, 0), Err(BusError::ZeroLength(0x200)));
+        assert_eq!(
+            bus.insert(dev(), 0x200, 0),
+            Err(BusError::ZeroLength(0x200))
+        );
         assert!(matches!(
             bus.insert(dev(), u64::MAX, 2),
             Err(BusError::Overflow { .. })

@@ -35,7 +35,9 @@ pub enum ConfigError {
     #[error("--cpus must be at least 1")]
     NoCpus,
     /// More vCPUs than KVM or the MP table allow.
-    #[error("--cpus {asked} is more than this host's KVM allows ({max}); use --cpus {max} or fewer")]
+    #[error(
+        "--cpus {asked} is more than wisp supports on this host ({max}); use --cpus {max} or fewer"
+    )]
     TooManyCpus {
         /// Requested.
         asked: u64,
@@ -46,7 +48,9 @@ pub enum ConfigError {
     #[error("--memory {0} MiB is too little; wisp needs at least {MIN_MEMORY_MIB} MiB")]
     TooLittleMemory(u64),
     /// More memory than the host has.
-    #[error("--memory {asked} MiB is more than this host's RAM ({host} MiB); use a smaller --memory")]
+    #[error(
+        "--memory {asked} MiB is more than this host's RAM ({host} MiB); use a smaller --memory"
+    )]
     TooMuchMemory {
         /// Requested.
         asked: u64,
@@ -132,18 +136,32 @@ mod tests {
         assert_eq!(check_cpus(0, &LIMITS), Err(ConfigError::NoCpus));
         assert_eq!(check_cpus(1, &LIMITS), Ok(1));
         assert_eq!(check_cpus(254, &LIMITS), Ok(254));
-        assert!(matches!(check_cpus(255, &LIMITS), Err(ConfigError::TooManyCpus { max: 254, .. })));
-        let small = HostLimits { max_vcpus: 8, ..LIMITS };
-        assert!(matches!(check_cpus(9, &small), Err(ConfigError::TooManyCpus { max: 8, .. })));
+        assert!(matches!(
+            check_cpus(255, &LIMITS),
+            Err(ConfigError::TooManyCpus { max: 254, .. })
+        ));
+        let small = HostLimits {
+            max_vcpus: 8,
+            ..LIMITS
+        };
+        assert!(matches!(
+            check_cpus(9, &small),
+            Err(ConfigError::TooManyCpus { max: 8, .. })
+        ));
     }
 
     #[test]
     fn memory_limits() {
-        assert_eq!(check_memory(15, &LIMITS), Err(ConfigError::TooLittleMemory(15)));
+        assert_eq!(
+            check_memory(15, &LIMITS),
+            Err(ConfigError::TooLittleMemory(15))
+        );
         assert_eq!(check_memory(16, &LIMITS), Ok(16));
         assert_eq!(check_memory(8192, &LIMITS), Ok(8192));
         let e = check_memory(8193, &LIMITS).unwrap_err();
-        assert!(e.to_string().contains("more than this host's RAM (8192 MiB)"));
+        assert!(e
+            .to_string()
+            .contains("more than this host's RAM (8192 MiB)"));
     }
 
     #[test]
@@ -156,7 +174,10 @@ mod tests {
 
     #[test]
     fn meminfo_parsing() {
-        assert_eq!(parse_mem_total("MemTotal:       24576000 kB\nMemFree: 1 kB\n"), Some(24000));
+        assert_eq!(
+            parse_mem_total("MemTotal:       24576000 kB\nMemFree: 1 kB\n"),
+            Some(24000)
+        );
         assert_eq!(parse_mem_total("nothing"), None);
     }
 }

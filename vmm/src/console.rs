@@ -214,7 +214,10 @@ mod tests {
     fn parses_console_specs() {
         assert_eq!("stdio".parse(), Ok(ConsoleSpec::Stdio));
         assert_eq!("none".parse(), Ok(ConsoleSpec::None));
-        assert_eq!("file:/tmp/x".parse(), Ok(ConsoleSpec::File("/tmp/x".into())));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(ConsoleSpec::File("/tmp/x".into()))
+        );
         assert!("file:".parse::<ConsoleSpec>().is_err());
         assert!("tty".parse::<ConsoleSpec>().is_err());
     }

@@ -152,7 +152,10 @@ impl EventLoop {
                 let r = unsafe { libc::read(*fd, buf.as_mut_ptr().cast(), buf.len()) };
                 if r < 0 {
                     let e = io::Error::last_os_error();
-                    if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) {
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ) {
                         return Ok(true);
                     }
                     return Err(e);

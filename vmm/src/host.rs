@@ -129,7 +129,8 @@ pub fn measure_kernel_mode(kvm: &Kvm, iterations: u32) -> Result<KernelModeSpeed
     };
     // SAFETY: `host` is the start of a live PROBE_MEM-byte mapping owned by `mem`, which
     // is declared before `vm` and so outlives it and every vCPU of it.
-    unsafe { vm.set_user_memory_region(region) }.map_err(probe_err("KVM_SET_USER_MEMORY_REGION"))?;
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(probe_err("KVM_SET_USER_MEMORY_REGION"))?;
     mem.write_slice(&timing_code(iterations), GuestAddress(CODE_START))
         .map_err(probe_err("writing code"))?;
 
@@ -137,12 +138,14 @@ pub fn measure_kernel_mode(kvm: &Kvm, iterations: u32) -> Result<KernelModeSpeed
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(probe_err("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid).map_err(probe_err("KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(probe_err("KVM_SET_CPUID2"))?;
     let entry = EntryPoint::Linux64(CODE_START);
     let mut sregs = vcpu.get_sregs().map_err(probe_err("KVM_GET_SREGS"))?;
     setup_sregs(&mem, entry, &mut sregs).map_err(probe_err("long mode set-up"))?;
     vcpu.set_sregs(&sregs).map_err(probe_err("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&boot_regs(entry)).map_err(probe_err("KVM_SET_REGS"))?;
+    vcpu.set_regs(&boot_regs(entry))
+        .map_err(probe_err("KVM_SET_REGS"))?;
 
     let mut start = None;
     loop {
@@ -159,7 +162,10 @@ pub fn measure_kernel_mode(kvm: &Kvm, iterations: u32) -> Result<KernelModeSpeed
                 }
             },
             other => {
-                return Err(HostError::Probe("running the timing guest", format!("{other:?}")));
+                return Err(HostError::Probe(
+                    "running the timing guest",
+                    format!("{other:?}"),
+                ));
             }
         }
     }
@@ -181,8 +187,14 @@ mod tests {
 
     #[test]
     fn threshold_classifies() {
-        let emu = KernelModeSpeed { instructions_per_sec: 1.3e6, elapsed: Duration::ZERO };
-        let hw = KernelModeSpeed { instructions_per_sec: 3e9, elapsed: Duration::ZERO };
+        let emu = KernelModeSpeed {
+            instructions_per_sec: 1.3e6,
+            elapsed: Duration::ZERO,
+        };
+        let hw = KernelModeSpeed {
+            instructions_per_sec: 3e9,
+            elapsed: Duration::ZERO,
+        };
         assert!(emu.emulated());
         assert!(!hw.emulated());
     }

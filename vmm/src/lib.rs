@@ -5,8 +5,8 @@
 pub mod arch;
 pub mod cmdline;
 pub mod config;
-pub mod doctor;
 pub mod console;
+pub mod doctor;
 pub mod event_loop;
 pub mod host;
 pub mod loader;

@@ -92,7 +92,10 @@ enum Format {
     BzImage,
 }
 
-fn read_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LoaderError + 'a {
+fn read_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> LoaderError + 'a {
     move |source| LoaderError::Read {
         what,
         path: path.to_path_buf(),
@@ -110,7 +113,10 @@ fn detect(path: &Path, head: &[u8]) -> Result<Format, LoaderError> {
         return Ok(Format::Elf);
     }
     if head.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(BZIMAGE_MAGIC) {
-        let field = |off: usize| head.get(off..off + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let field = |off: usize| {
+            head.get(off..off + 2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        };
         let version = field(BZIMAGE_VERSION_OFFSET).unwrap_or(0);
         let xloadflags = field(BZIMAGE_XLOADFLAGS_OFFSET).unwrap_or(0);
         if version < BOOT_PROTOCOL_64BIT_ENTRY || xloadflags & XLF_KERNEL_64 == 0 {
@@ -185,10 +191,7 @@ pub fn load_initrd<M: GuestMemoryBackend>(
     path: &Path,
 ) -> Result<(u64, u64), LoaderError> {
     let mut file = File::open(path).map_err(read_err("initrd", path))?;
-    let size = file
-        .metadata()
-        .map_err(read_err("initrd", path))?
-        .len();
+    let size = file.metadata().map_err(read_err("initrd", path))?.len();
     let addr = initrd_address(size, mem_size, kernel).ok_or_else(|| LoaderError::InitrdTooBig {
         path: path.to_path_buf(),
         size,
@@ -232,7 +235,10 @@ mod tests {
         assert_eq!(detect(p, &bz).unwrap(), Format::BzImage);
         bz[0x236] = 0;
         assert!(matches!(detect(p, &bz), Err(LoaderError::No64BitEntry(_))));
-        assert!(matches!(detect(p, b"#!/bin/sh\n"), Err(LoaderError::NotAKernel(_))));
+        assert!(matches!(
+            detect(p, b"#!/bin/sh\n"),
+            Err(LoaderError::NotAKernel(_))
+        ));
         assert!(matches!(detect(p, b""), Err(LoaderError::NotAKernel(_))));
     }
 
@@ -260,7 +266,11 @@ mod tests {
     fn missing_and_bogus_kernels_give_clear_errors() {
         let mem = crate::memory::create(16 << 20).unwrap();
         let e = load_kernel(&mem, 16 << 20, Path::new("/nonexistent/vmlinux")).unwrap_err();
-        assert!(e.to_string().contains("cannot read kernel /nonexistent/vmlinux"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("cannot read kernel /nonexistent/vmlinux"),
+            "{e}"
+        );
         let dir = std::env::temp_dir().join(format!("wisp-loader-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("notakernel");

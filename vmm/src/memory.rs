@@ -49,12 +49,12 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
 pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|_| MemoryError::Register {
-                slot,
-                source: kvm_ioctls::Error::new(libc::EFAULT),
-            })?;
+        let host =
+            mem.get_host_address(region.start_addr())
+                .map_err(|_| MemoryError::Register {
+                    slot,
+                    source: kvm_ioctls::Error::new(libc::EFAULT),
+                })?;
         let desc = kvm_userspace_memory_region {
             slot,
             flags: 0,

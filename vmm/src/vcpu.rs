@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use devices::{Bus, StopReason};
-use kvm_bindings::{kvm_run, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
@@ -151,7 +152,9 @@ impl Vcpu {
             .set_cpuid2(&cpuid)
             .map_err(self.kvm_err("KVM_SET_CPUID2"))?;
         let msrs = regs::boot_msrs().map_err(|e| VcpuError::Regs(self.index, e))?;
-        self.fd.set_msrs(&msrs).map_err(self.kvm_err("KVM_SET_MSRS"))?;
+        self.fd
+            .set_msrs(&msrs)
+            .map_err(self.kvm_err("KVM_SET_MSRS"))?;
         let mut sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
         regs::setup_sregs(&self.mem, entry, &mut sregs)
             .map_err(|e| VcpuError::Regs(self.index, e))?;
@@ -262,7 +265,9 @@ impl Vcpu {
                 self.fd.set_kvm_immediate_exit(0);
                 Next::Continue
             }
-            Err(e) => Next::Stop(Outcome::Crash(format!("KVM_RUN failed on vCPU {index}: {e}"))),
+            Err(e) => Next::Stop(Outcome::Crash(format!(
+                "KVM_RUN failed on vCPU {index}: {e}"
+            ))),
         }
     }
 
@@ -333,7 +338,10 @@ impl Vcpu {
 
     /// Delivers the #BP that the `int3` at RIP would have raised: RIP moves past the
     /// one-byte instruction (#BP is a trap) and vector 3 is injected.
-    fn inject_breakpoint(&mut self, mut regs: kvm_bindings::kvm_regs) -> Result<(), kvm_ioctls::Error> {
+    fn inject_breakpoint(
+        &mut self,
+        mut regs: kvm_bindings::kvm_regs,
+    ) -> Result<(), kvm_ioctls::Error> {
         let mut events = self.fd.get_vcpu_events()?;
         regs.rip += 1;
         self.fd.set_regs(&regs)?;
@@ -342,7 +350,11 @@ impl Vcpu {
         events.exception.has_error_code = 0;
         events.exception.error_code = 0;
         self.fd.set_vcpu_events(&events)?;
-        log::debug!("vcpu{}: delivered #BP for int3 at {:#x}", self.index, regs.rip - 1);
+        log::debug!(
+            "vcpu{}: delivered #BP for int3 at {:#x}",
+            self.index,
+            regs.rip - 1
+        );
         Ok(())
     }
 

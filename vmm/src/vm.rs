@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::serial::{SerialOutput, SERIAL_PORT_COUNT};
 use devices::legacy::{
-    AcpiSleep, BootTimer, DebugExit, SerialDevice, I8042, BOOT_COMPLETE_PORT, DEBUG_EXIT_PORT,
+    AcpiSleep, BootTimer, DebugExit, SerialDevice, BOOT_COMPLETE_PORT, DEBUG_EXIT_PORT, I8042,
     I8042_COMMAND_PORT, I8042_DATA_PORT,
 };
 use devices::{Bus, BusError, StopCallback};
@@ -160,8 +160,7 @@ impl Vm {
 
         let latch = Arc::new(ExitLatch::new()?);
         let stop_latch = latch.clone();
-        let on_stop: StopCallback =
-            Arc::new(move |reason| stop_latch.set(Outcome::Guest(reason)));
+        let on_stop: StopCallback = Arc::new(move |reason| stop_latch.set(Outcome::Guest(reason)));
 
         let serial_irq = EventFd::new(EFD_NONBLOCK)?;
         vm_fd

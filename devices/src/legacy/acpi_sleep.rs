@@ -45,7 +45,9 @@ impl BusDevice for AcpiSleep {
         if sleep_type == S5_SLEEP_TYPE {
             (self.on_stop)(StopReason::PowerOff);
         } else {
-            log::warn!("ACPI: guest asked for sleep type {sleep_type}, which wisp does not support");
+            log::warn!(
+                "ACPI: guest asked for sleep type {sleep_type}, which wisp does not support"
+            );
         }
     }
 }

@@ -137,7 +137,11 @@ mod tests {
     #[test]
     fn reset_pulse_stops_vm() {
         let (mut d, seen) = dev();
-        assert_eq!(rd(&mut d, I8042_COMMAND_PORT) & 0x2, 0, "input buffer empty");
+        assert_eq!(
+            rd(&mut d, I8042_COMMAND_PORT) & 0x2,
+            0,
+            "input buffer empty"
+        );
         d.write(I8042_COMMAND_PORT.into(), 0, &[CMD_PULSE_RESET]);
         assert_eq!(*seen.lock().unwrap(), vec![StopReason::Reset]);
     }

@@ -49,7 +49,10 @@ pub enum AcpiError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// A system description table: header plus body, with length and checksum filled in.
@@ -84,10 +87,18 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
 /// DSDT body: `Name (_S5, Package () { S5_SLEEP_TYPE, 0 })`.
 fn dsdt() -> Vec<u8> {
     let aml = [
-        0x08, b'_', b'S', b'5', b'_', // NameOp "_S5_"
-        0x12, 0x06, 0x02, // PackageOp, PkgLength 6, 2 elements
-        0x0a, S5_SLEEP_TYPE, // BytePrefix SLP_TYPa
-        0x0a, 0x00, // BytePrefix SLP_TYPb
+        0x08,
+        b'_',
+        b'S',
+        b'5',
+        b'_', // NameOp "_S5_"
+        0x12,
+        0x06,
+        0x02, // PackageOp, PkgLength 6, 2 elements
+        0x0a,
+        S5_SLEEP_TYPE, // BytePrefix SLP_TYPa
+        0x0a,
+        0x00, // BytePrefix SLP_TYPb
     ];
     sdt(b"DSDT", 2, &aml)
 }
@@ -119,7 +130,7 @@ fn madt(cpus: u8) -> Vec<u8> {
     b.extend_from_slice(&[MADT_IOAPIC, 12, cpus, 0]);
     b.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     b.extend_from_slice(&0u32.to_le_bytes()); // GSI base
-    // LINT1 is NMI on every processor.
+                                              // LINT1 is NMI on every processor.
     b.extend_from_slice(&[MADT_LOCAL_APIC_NMI, 6, 0xff, 0, 0, 1]);
     sdt(b"APIC", 5, &b)
 }
@@ -197,14 +208,23 @@ mod tests {
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0);
         assert_eq!(sum(rsdp), 0);
-        let find = |addr: u64| tables.iter().find(|(a, _)| *a == addr).map(|(_, t)| t).unwrap();
+        let find = |addr: u64| {
+            tables
+                .iter()
+                .find(|(a, _)| *a == addr)
+                .map(|(_, t)| t)
+                .unwrap()
+        };
         let xsdt = find(u64_at(rsdp, 24));
         assert_eq!(&xsdt[..4], b"XSDT");
         let fadt = find(u64_at(xsdt, 36));
         let madt = find(u64_at(xsdt, 44));
         assert_eq!(&fadt[..4], b"FACP");
         assert_eq!(fadt.len(), FADT_LEN);
-        assert_eq!(u32_at(fadt, 112) & FADT_HW_REDUCED_ACPI, FADT_HW_REDUCED_ACPI);
+        assert_eq!(
+            u32_at(fadt, 112) & FADT_HW_REDUCED_ACPI,
+            FADT_HW_REDUCED_ACPI
+        );
         assert_eq!(fadt[244], GAS_SYSTEM_IO);
         assert_eq!(u64_at(fadt, 248), u64::from(SLEEP_CONTROL_PORT));
         assert_eq!(u64_at(fadt, 260), u64::from(SLEEP_STATUS_PORT));
@@ -221,8 +241,10 @@ mod tests {
             assert_eq!(sum(t), 0, "checksum of {:?}", std::str::from_utf8(&t[..4]));
         }
         // No overlap, and everything stays below 1 MiB.
-        let mut spans: Vec<(u64, u64)> =
-            tables.iter().map(|(a, t)| (*a, *a + t.len() as u64)).collect();
+        let mut spans: Vec<(u64, u64)> = tables
+            .iter()
+            .map(|(a, t)| (*a, *a + t.len() as u64))
+            .collect();
         spans.sort();
         for w in spans.windows(2) {
             assert!(w[0].1 <= w[1].0);
@@ -243,7 +265,11 @@ mod tests {
     #[test]
     fn tables_fit_for_max_cpus() {
         let tables = build(super::super::mptable::MAX_CPUS);
-        let end = tables.iter().map(|(a, t)| a + t.len() as u64).max().unwrap();
+        let end = tables
+            .iter()
+            .map(|(a, t)| a + t.len() as u64)
+            .max()
+            .unwrap();
         assert!(end < 0x10_0000);
     }
 }

@@ -12,8 +12,7 @@ use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::layout::{
-    e820_map, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START,
-    ZERO_PAGE_START,
+    e820_map, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -172,7 +171,10 @@ mod tests {
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         assert_eq!(p.e820_entries, 2);
         let e1 = p.e820_table[1];
-        assert_eq!(({ e1.addr }, { e1.size }, { e1.r#type }), (MIB, 255 * MIB, 1));
+        assert_eq!(
+            ({ e1.addr }, { e1.size }, { e1.r#type }),
+            (MIB, 255 * MIB, 1)
+        );
     }
 
     #[test]
@@ -197,9 +199,7 @@ mod tests {
         assert_eq!((s.memmap_paddr, s.memmap_entries), (PVH_MEMMAP_START, 2));
         assert_eq!((s.nr_modules, s.modlist_paddr), (1, PVH_MODLIST_START));
         assert_eq!(s.rsdp_paddr, 0xe0000);
-        let e: hvm_memmap_table_entry = m
-            .read_obj(GuestAddress(PVH_MEMMAP_START + 24))
-            .unwrap();
+        let e: hvm_memmap_table_entry = m.read_obj(GuestAddress(PVH_MEMMAP_START + 24)).unwrap();
         assert_eq!((e.addr, e.size, e.type_), (MIB, 255 * MIB, 1));
         let md: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
         assert_eq!((md.paddr, md.size), (0x0800_0000, 0x1234));

@@ -166,7 +166,14 @@ mod tests {
     fn apic_id_and_counts_per_vcpu() {
         for (index, count) in [(0u8, 1u8), (1, 2), (5, 8), (2, 3)] {
             let mut t = table();
-            normalize(&mut t, VcpuTopology { index, count, tsc_deadline: true });
+            normalize(
+                &mut t,
+                VcpuTopology {
+                    index,
+                    count,
+                    tsc_deadline: true,
+                },
+            );
             let l1 = get(&t, 1, 0);
             assert_eq!(l1.ebx >> 24, u32::from(index));
             assert_eq!((l1.ebx >> 16) & 0xff, u32::from(count));
@@ -207,7 +214,14 @@ mod tests {
         t[0].ebx = 0x6874_7541; // "Auth"
         t.push(entry(0x8000_0008, 0));
         t.push(entry(0x8000_001e, 0));
-        normalize(&mut t, VcpuTopology { index: 3, count: 4, tsc_deadline: false });
+        normalize(
+            &mut t,
+            VcpuTopology {
+                index: 3,
+                count: 4,
+                tsc_deadline: false,
+            },
+        );
         assert_eq!(get(&t, 0x8000_0008, 0).ecx & 0xff, 3);
         assert_eq!(get(&t, 0x8000_001e, 0).eax, 3);
         assert_eq!(get(&t, 1, 0).ecx & ECX_TSC_DEADLINE, 0);

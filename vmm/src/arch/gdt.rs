@@ -63,14 +63,20 @@ mod tests {
     fn long_mode_code_segment() {
         let s = segment_from_gdt(CODE64, 2);
         assert_eq!(s.selector, 0x10);
-        assert_eq!((s.l, s.db, s.present, s.s, s.dpl, s.type_), (1, 0, 1, 1, 0, 0xb));
+        assert_eq!(
+            (s.l, s.db, s.present, s.s, s.dpl, s.type_),
+            (1, 0, 1, 1, 0, 0xb)
+        );
         assert_eq!((s.base, s.limit, s.g), (0, 0xffff_ffff, 1));
     }
 
     #[test]
     fn flat_data_and_tss() {
         let d = segment_from_gdt(DATA, 3);
-        assert_eq!((d.selector, d.db, d.type_, d.limit, d.unusable), (0x18, 1, 3, 0xffff_ffff, 0));
+        assert_eq!(
+            (d.selector, d.db, d.type_, d.limit, d.unusable),
+            (0x18, 1, 3, 0xffff_ffff, 0)
+        );
         let t = segment_from_gdt(TSS, 4);
         assert_eq!((t.type_, t.s, t.limit, t.g), (0xb, 0, 0x67, 0));
         let c = segment_from_gdt(CODE32, 1);

@@ -123,7 +123,14 @@ mod tests {
         assert_eq!(ram_ranges(128 * MIB), vec![(0, 128 * MIB)]);
         let map = e820_map(128 * MIB);
         assert_eq!(map.len(), 2);
-        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820Type::Ram });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820Type::Ram
+            }
+        );
         assert_eq!(map[1].addr, 0x10_0000);
         assert_eq!(map[1].addr + map[1].size, 128 * MIB);
     }
@@ -132,7 +139,10 @@ mod tests {
     fn large_guest_is_split_around_the_gap() {
         let size = 4096 * MIB;
         let ranges = ram_ranges(size);
-        assert_eq!(ranges, vec![(0, MMIO_GAP_START), (1 << 32, size - MMIO_GAP_START)]);
+        assert_eq!(
+            ranges,
+            vec![(0, MMIO_GAP_START), (1 << 32, size - MMIO_GAP_START)]
+        );
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         assert_eq!(total, size);
         let map = e820_map(size);

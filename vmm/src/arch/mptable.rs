@@ -49,7 +49,10 @@ pub enum MptableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |acc, b| acc.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Serialises the table for `cpus` vCPUs, for placement at `EBDA_START`.
@@ -77,7 +80,16 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     count += 2;
     // ISA IRQ n -> IOAPIC pin n, matching KVM's default GSI routing.
     for irq in 0..IOAPIC_PINS {
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     // LINT0 = ExtINT (legacy PIC), LINT1 = NMI, on every local APIC.

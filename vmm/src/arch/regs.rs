@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::gdt::{segment_from_gdt, CODE32, CODE64, DATA, TSS};
 use super::layout::{
-    BOOT_GDT_START, BOOT_STACK_POINTER, PD_START, PDPT_START, PML4_START, PVH_INFO_START,
+    BOOT_GDT_START, BOOT_STACK_POINTER, PDPT_START, PD_START, PML4_START, PVH_INFO_START,
     ZERO_PAGE_START,
 };
 
@@ -236,7 +236,9 @@ mod tests {
         let pml4: u64 = m.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4, PDPT_START | 3);
         // Last 2 MiB page below 4 GiB maps to itself.
-        let last: u64 = m.read_obj(GuestAddress(PD_START + 3 * 0x1000 + 511 * 8)).unwrap();
+        let last: u64 = m
+            .read_obj(GuestAddress(PD_START + 3 * 0x1000 + 511 * 8))
+            .unwrap();
         assert_eq!(last, 0xffe0_0000 | 0x83);
         let gdt2: u64 = m.read_obj(GuestAddress(BOOT_GDT_START + 16)).unwrap();
         assert_eq!(gdt2, CODE64);

@@ -1,0 +1,305 @@
+//! Helpers for integration tests: they spawn the real `wisp` binary.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The wisp binary under test.
+pub fn wisp() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wisp"))
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("vmm/ has a parent")
+        .to_path_buf()
+}
+
+/// A file from the guest build; fails with the command that builds it.
+pub fn guest_file(name: &str) -> PathBuf {
+    let p = repo_root().join("target/guest").join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/build-guest.sh first",
+        p.display()
+    );
+    p
+}
+
+/// The probe test guest.
+pub fn probe() -> PathBuf {
+    guest_file("probe")
+}
+
+/// A finished wisp run.
+#[derive(Debug)]
+pub struct Output {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// stderr lines that are errors (wisp prints exactly one per failure).
+    pub fn error_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("wisp: error:") || l.starts_with("error:"))
+            .collect()
+    }
+}
+
+/// Runs `cmd` with `stdin` fed in, killing it after `timeout`.
+pub fn run_cmd(mut cmd: Command, stdin: &[u8], timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = thread::spawn(move || {
+        // The guest may exit before reading everything; a broken pipe is fine.
+        let _ = input.write_all(&data);
+    });
+    let out = reader(child.stdout.take().expect("stdout"));
+    let err = reader(child.stderr.take().expect("stderr"));
+    let status = wait_timeout(&mut child, timeout);
+    let _ = writer.join();
+    let output = Output {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    };
+    assert!(
+        output.status.is_some(),
+        "wisp did not finish within {timeout:?}: {output:#?}"
+    );
+    output
+}
+
+/// Runs `wisp ARGS` with `stdin`.
+pub fn wisp_run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
+    let mut cmd = Command::new(wisp());
+    cmd.args(args);
+    run_cmd(cmd, stdin, timeout)
+}
+
+/// Runs the probe with `probe.cmd=CMDS` and extra wisp args.
+pub fn run_probe(cmds: &str, extra: &[&str]) -> Output {
+    let probe = probe();
+    let cmdline = format!("probe.cmd={cmds}");
+    let mut args = vec!["run", "--kernel", probe.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--cmdline", &cmdline]);
+    wisp_run(&args, b"", Duration::from_secs(60))
+}
+
+fn reader<R: Read + Send + 'static>(mut r: R) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait().expect("wait") {
+            Some(status) => return status.code(),
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            None => thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// An interactive wisp session: write to the console, wait for patterns in its output.
+pub struct Session {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    chunks: Receiver<Vec<u8>>,
+    pub seen: String,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Session {
+    /// Starts `wisp ARGS`.
+    pub fn start(args: &[&str]) -> Session {
+        let mut child = Command::new(wisp())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wisp");
+        let stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = channel();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = reader(child.stderr.take().expect("stderr"));
+        Session {
+            child,
+            stdin,
+            chunks: rx,
+            seen: String::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Reads more output, failing the test at `deadline` or if wisp exits.
+    fn read_more(&mut self, deadline: Instant, waiting_for: &str) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.chunks.recv_timeout(left) {
+            Ok(c) => self.seen.push_str(&String::from_utf8_lossy(&c)),
+            Err(RecvTimeoutError::Timeout) => {
+                panic!(
+                    "timed out waiting for {waiting_for}; output:\n{}",
+                    self.seen
+                )
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!(
+                    "wisp exited while waiting for {waiting_for}; output:\n{}",
+                    self.seen
+                )
+            }
+        }
+    }
+
+    /// Waits until `pattern` appears in the output after position `from`; returns the
+    /// position just past it.
+    pub fn expect_from(&mut self, from: usize, pattern: &str, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.seen.get(from..).and_then(|s| s.find(pattern)) {
+                return from + i + pattern.len();
+            }
+            self.read_more(deadline, &format!("{pattern:?}"));
+        }
+    }
+
+    /// Sends one line to the guest console.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to wisp");
+        stdin.flush().expect("flush");
+    }
+
+    /// Runs `command` in the guest shell and returns its output, read from a line
+    /// `MARK=<output>` (the echo of the typed command shows `MARK=$(` instead).
+    pub fn query(&mut self, mark: &str, command: &str, timeout: Duration) -> String {
+        let start = self.seen.len();
+        self.send_line(&format!("echo {mark}=$({command})"));
+        let prefix = format!("{mark}=");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let complete = &self.seen[start..self.seen.rfind('\n').unwrap_or(start).max(start)];
+            let found = complete
+                .lines()
+                .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+                .find(|v| !v.starts_with("$("));
+            if let Some(v) = found {
+                return v.trim().to_string();
+            }
+            self.read_more(deadline, &format!("the answer to {command:?}"));
+        }
+    }
+
+    /// Waits for wisp to exit; returns its status and stderr.
+    pub fn wait(mut self, timeout: Duration) -> (Option<i32>, String) {
+        drop(self.stdin.take());
+        let status = wait_timeout(&mut self.child, timeout);
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().expect("stderr reader"))
+            .unwrap_or_default();
+        (status, stderr)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal x86_64 ELF executable whose single segment (at 1 MiB + 0x1000) holds `code`
+/// and whose entry point is the start of `code`. It has no PVH note, so wisp boots it
+/// through the 64-bit entry, in long mode with its boot page tables.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_1000;
+    const HDR: usize = 64 + 56;
+    let mut e = Vec::new();
+    e.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    e.extend_from_slice(&[0; 8]);
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(LOAD + HDR as u64).to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    e.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    e.extend_from_slice(&0u32.to_le_bytes()); // flags
+    e.extend_from_slice(&64u16.to_le_bytes()); // ehsize
+    e.extend_from_slice(&56u16.to_le_bytes()); // phentsize
+    e.extend_from_slice(&1u16.to_le_bytes()); // phnum
+    e.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
+    let size = (HDR + code.len()) as u64;
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    e.extend_from_slice(&0u64.to_le_bytes()); // offset
+    e.extend_from_slice(&LOAD.to_le_bytes()); // vaddr
+    e.extend_from_slice(&LOAD.to_le_bytes()); // paddr
+    e.extend_from_slice(&size.to_le_bytes()); // filesz
+    e.extend_from_slice(&size.to_le_bytes()); // memsz
+    e.extend_from_slice(&0x1000u64.to_le_bytes()); // align
+    assert_eq!(e.len(), HDR);
+    e.extend_from_slice(code);
+    e
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("wisp-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
