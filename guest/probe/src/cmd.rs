@@ -10,6 +10,8 @@ use crate::{io, status};
 
 const PARAM: &[u8] = b"probe.cmd=";
 const DEFAULT_LIST: &[u8] = b"hello";
+/// Largest byte count `readin:N` accepts (16 MiB).
+const READIN_MAX: u32 = 16 << 20;
 
 /// Address the hidden `fault` (`fault:pf`) command reads: just past the
 /// probe's identity map, so it raises a page fault. (`fault:gp` runs `hlt`
@@ -56,6 +58,10 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
         }
         (b"cmdline", None) => println!("probe: cmdline={}", Escaped(boot.cmdline())),
         (b"boot", None) => println!("probe: boot={}", boot.protocol.name()),
+        (b"readin", Some(arg)) => match parse_num(arg, READIN_MAX) {
+            Some(n) if n > 0 => readin(n),
+            _ => usage_error(item, "byte count must be 1..16777216"),
+        },
         (b"bootdone", None) => {
             io::boot_done();
             println!("probe: bootdone");
@@ -76,6 +82,7 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
             usage_error(item, "takes no argument")
         }
         (b"exit", None) => usage_error(item, "needs an argument: exit:N"),
+        (b"readin", None) => usage_error(item, "needs an argument: readin:N"),
         (b"fault", Some(_)) => usage_error(item, "use fault, fault:pf, fault:gp or fault:ud"),
         _ => {
             println!("probe: unknown command '{}'", Escaped(item));
@@ -83,6 +90,17 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
         }
     }
 }
+
+/// Reads exactly `n` bytes from COM1 and prints their 32-bit FNV-1a hash.
+fn readin(n: u32) {
+    let mut hash = FNV_OFFSET_BASIS;
+    crate::serial::Serial.read_bytes(n, |b| hash = (hash ^ u32::from(b)).wrapping_mul(FNV_PRIME));
+    println!("probe: readin n={n} fnv={hash:08x}");
+}
+
+/// 32-bit FNV-1a parameters.
+const FNV_OFFSET_BASIS: u32 = 0x811c_9dc5;
+const FNV_PRIME: u32 = 0x0100_0193;
 
 /// Reads just past the probe's identity map: #PF (status 0xee).
 fn fault_pf() {
@@ -101,6 +119,11 @@ fn usage_error(item: &[u8], why: &str) -> ! {
 
 /// Parses a decimal (or `0x` hex) number 0..=255.
 fn parse_u8(s: &[u8]) -> Option<u8> {
+    parse_num(s, 255).and_then(|v| u8::try_from(v).ok())
+}
+
+/// Parses a decimal (or `0x` hex) number 0..=`max`.
+fn parse_num(s: &[u8], max: u32) -> Option<u32> {
     let (digits, radix) = match s.strip_prefix(b"0x") {
         Some(hex) => (hex, 16),
         None => (s, 10),
@@ -112,9 +135,9 @@ fn parse_u8(s: &[u8]) -> Option<u8> {
     for &b in digits {
         let d = (b as char).to_digit(radix)?;
         v = v.checked_mul(radix)?.checked_add(d)?;
-        if v > 255 {
+        if v > max {
             return None;
         }
     }
-    u8::try_from(v).ok()
+    Some(v)
 }

@@ -8,7 +8,9 @@ use crate::io;
 /// COM1 base port.
 pub const COM1: u16 = 0x3f8;
 const THR: u16 = COM1;
+const RBR: u16 = COM1;
 const LSR: u16 = COM1 + 5;
+const LSR_DATA_READY: u8 = 1 << 0;
 const LSR_THR_EMPTY: u8 = 1 << 5;
 /// Upper bound on LSR polls per byte, so a missing or stuck UART cannot
 /// hang the probe.
@@ -28,6 +30,25 @@ impl Serial {
         }
         // SAFETY: writing THR transmits one byte on COM1.
         unsafe { io::outb(THR, b) };
+    }
+
+    /// Reads exactly `n` bytes, passing each to `f`, polling LSR and
+    /// waiting as long as it takes (no timeout: the VMM feeds input as the
+    /// FIFO drains). Two port accesses per byte (LSR, then RBR) while data
+    /// is ready, plus one LSR poll per wait.
+    pub fn read_bytes(&mut self, n: u32, mut f: impl FnMut(u8)) {
+        let mut left = n;
+        while left > 0 {
+            // SAFETY: reading the LSR of COM1 has no side effects we rely on.
+            if unsafe { io::inb(LSR) } & LSR_DATA_READY != 0 {
+                // SAFETY: LSR says data ready: reading RBR pops one byte of
+                // the receive FIFO, which is what we want.
+                f(unsafe { io::inb(RBR) });
+                left -= 1;
+            } else {
+                core::hint::spin_loop();
+            }
+        }
     }
 
     /// Writes bytes unchanged.
