@@ -180,9 +180,11 @@ mod tests {
     #[test]
     fn bzimage_header_is_kept() {
         let m = mem();
-        let mut h = setup_header::default();
-        h.version = 0x20f;
-        h.header = KERNEL_HDR_MAGIC;
+        let h = setup_header {
+            version: 0x20f,
+            header: KERNEL_HDR_MAGIC,
+            ..Default::default()
+        };
         write_boot_params(&m, &info(), Some(h)).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ p.hdr.version }, 0x20f);

@@ -249,8 +249,10 @@ mod tests {
     #[test]
     fn pvh_sregs_are_flat_protected_mode_without_paging() {
         let m = mem();
-        let mut s = kvm_sregs::default();
-        s.cr0 = X86_CR0_PG;
+        let mut s = kvm_sregs {
+            cr0: X86_CR0_PG,
+            ..Default::default()
+        };
         setup_sregs(&m, EntryPoint::Pvh(0x20_0000), &mut s).unwrap();
         assert_eq!(s.cr0, X86_CR0_PE | X86_CR0_ET);
         assert_eq!((s.cs.db, s.cs.l, s.cs.limit), (1, 0, 0xffff_ffff));
