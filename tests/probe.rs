@@ -156,7 +156,13 @@ fn piped_stdin_reaches_guest_without_loss() {
     let probe = common::probe();
     let cmdline = format!("probe.cmd=readin:{}", input.len());
     let out = wisp_run(
-        &["run", "--kernel", probe.to_str().unwrap(), "--cmdline", &cmdline],
+        &[
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+        ],
         &input,
         Duration::from_secs(120),
     );
