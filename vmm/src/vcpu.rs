@@ -204,6 +204,29 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        if log::log_enabled!(log::Level::Debug) {
+            self.log_position();
+        }
+    }
+
+    /// Logs where the vCPU stopped (helps to tell a hung guest from a slow one).
+    fn log_position(&self) {
+        let index = self.index;
+        match (self.fd.get_regs(), self.fd.get_mp_state()) {
+            (Ok(r), Ok(mp)) => log::debug!(
+                "vcpu{index} stopped at RIP {:#x} RSP {:#x} RFLAGS {:#x} (mp_state {}), code [{}]",
+                r.rip,
+                r.rsp,
+                r.rflags,
+                mp.mp_state,
+                self.instruction_bytes(r.rip)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            (Err(e), _) | (_, Err(e)) => log::debug!("vcpu{index}: state unreadable: {e}"),
+        }
     }
 
     fn run_once(&mut self) -> Next {
