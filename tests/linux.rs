@@ -14,7 +14,15 @@ const MIB_KB: u64 = 1024;
 fn default_guest_boots_smp_to_a_shell_and_powers_off() {
     guest_file("vmlinux");
     guest_file("initramfs.cpio.gz");
-    let mut s = Session::start(&["run", "--cpus", "2", "--memory", "256", "--name", "linux-test"]);
+    let mut s = Session::start(&[
+        "run",
+        "--cpus",
+        "2",
+        "--memory",
+        "256",
+        "--name",
+        "linux-test",
+    ]);
     s.expect_from(0, "WISP-READY", Duration::from_secs(240));
 
     let cpus = s.query("CPUS", "nproc", Duration::from_secs(60));

@@ -7,6 +7,8 @@
 //! ACPI ignore the tables and use the MP table.
 
 use thiserror::Error;
+
+use super::checksum;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::{APIC_START, IOAPIC_START};
@@ -46,13 +48,6 @@ pub enum AcpiError {
     /// Guest memory write failed.
     #[error("cannot write ACPI tables to guest memory: {0}")]
     Write(#[from] vm_memory::GuestMemoryError),
-}
-
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |a, b| a.wrapping_add(*b))
-        .wrapping_neg()
 }
 
 /// A system description table: header plus body, with length and checksum filled in.
@@ -188,10 +183,6 @@ pub fn setup<M: GuestMemoryBackend>(mem: &M, cpus: u8) -> Result<u64, AcpiError>
 mod tests {
     use super::*;
 
-    fn sum(b: &[u8]) -> u8 {
-        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
-    }
-
     fn u32_at(b: &[u8], off: usize) -> u32 {
         u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
     }
@@ -206,8 +197,8 @@ mod tests {
         let (rsdp_addr, rsdp) = &tables[0];
         assert_eq!(*rsdp_addr, RSDP_START);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
-        assert_eq!(sum(&rsdp[..20]), 0);
-        assert_eq!(sum(rsdp), 0);
+        assert_eq!(checksum(&rsdp[..20]), 0);
+        assert_eq!(checksum(rsdp), 0);
         let find = |addr: u64| {
             tables
                 .iter()
@@ -238,7 +229,12 @@ mod tests {
         assert_eq!(madt[44 + 4 * 8 + 2], 4, "IOAPIC id");
         for (_, t) in &tables[1..] {
             assert_eq!(u32_at(t, 4) as usize, t.len(), "length field");
-            assert_eq!(sum(t), 0, "checksum of {:?}", std::str::from_utf8(&t[..4]));
+            assert_eq!(
+                checksum(t),
+                0,
+                "checksum of {:?}",
+                std::str::from_utf8(&t[..4])
+            );
         }
         // No overlap, and everything stays below 1 MiB.
         let mut spans: Vec<(u64, u64)> = tables

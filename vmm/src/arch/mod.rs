@@ -7,3 +7,11 @@ pub mod gdt;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+
+/// The byte that makes `bytes` sum to zero (mod 256), as MP and ACPI tables require.
+pub(crate) fn checksum(bytes: &[u8]) -> u8 {
+    bytes
+        .iter()
+        .fold(0u8, |acc, b| acc.wrapping_add(*b))
+        .wrapping_neg()
+}

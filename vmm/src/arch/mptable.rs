@@ -5,6 +5,8 @@
 //! table right after it. The region up to 1 MiB is not RAM in the e820 map.
 
 use thiserror::Error;
+
+use super::checksum;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::{APIC_START, EBDA_START, IOAPIC_START, SYSTEM_AREA_END};
@@ -46,13 +48,6 @@ pub enum MptableError {
     /// Guest memory write failed.
     #[error("cannot write the MP table to guest memory: {0}")]
     Write(#[from] vm_memory::GuestMemoryError),
-}
-
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |acc, b| acc.wrapping_add(*b))
-        .wrapping_neg()
 }
 
 /// Serialises the table for `cpus` vCPUs, for placement at `EBDA_START`.
@@ -141,21 +136,17 @@ mod tests {
     const CPU_ENTRY_LEN: usize = 20;
     const SMALL_ENTRY_LEN: usize = 8;
 
-    fn sum(bytes: &[u8]) -> u8 {
-        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
-    }
-
     #[test]
     fn checksums_and_counts() {
         for cpus in [1u8, 2, 16, MAX_CPUS] {
             let t = build(cpus).unwrap();
             assert_eq!(&t[0..4], b"_MP_");
-            assert_eq!(sum(&t[..16]), 0, "floating pointer checksum");
+            assert_eq!(checksum(&t[..16]), 0, "floating pointer checksum");
             let table = &t[16..];
             assert_eq!(&table[0..4], b"PCMP");
             let len = u16::from_le_bytes([table[4], table[5]]) as usize;
             assert_eq!(len, table.len());
-            assert_eq!(sum(table), 0, "table checksum");
+            assert_eq!(checksum(table), 0, "table checksum");
             let count = u16::from_le_bytes([table[34], table[35]]);
             assert_eq!(count as usize, cpus as usize + 2 + 24 + 2);
             // Physical pointer points just past the floating structure.
