@@ -79,22 +79,66 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
     g
 }
 
-/// DSDT body: `Name (_S5, Package () { S5_SLEEP_TYPE, 0 })`.
-fn dsdt() -> Vec<u8> {
-    let aml = [
-        0x08,
-        b'_',
-        b'S',
-        b'5',
-        b'_', // NameOp "_S5_"
-        0x12,
-        0x06,
-        0x02, // PackageOp, PkgLength 6, 2 elements
-        0x0a,
-        S5_SLEEP_TYPE, // BytePrefix SLP_TYPa
-        0x0a,
-        0x00, // BytePrefix SLP_TYPb
+/// AML PkgLength encoding of a package whose contents (after the PkgLength) are `len`
+/// bytes long; the encoded length counts its own bytes too.
+fn pkg_length(len: usize) -> Vec<u8> {
+    if len + 1 < 0x40 {
+        return vec![(len + 1) as u8];
+    }
+    // Enough for anything wisp emits: up to 2^20 bytes.
+    let mut n = 2;
+    while len + n >= 1 << (4 + 8 * (n - 1)) {
+        n += 1;
+    }
+    let total = len + n;
+    let mut out = vec![(((n - 1) as u8) << 6) | (total & 0xf) as u8];
+    for i in 0..n - 1 {
+        out.push((total >> (4 + 8 * i)) as u8);
+    }
+    out
+}
+
+/// `op pkglength contents`.
+fn aml_package(op: &[u8], contents: &[u8]) -> Vec<u8> {
+    let mut v = op.to_vec();
+    v.extend(pkg_length(contents.len()));
+    v.extend_from_slice(contents);
+    v
+}
+
+/// `Name (name, value)`.
+fn aml_name(name: &[u8; 4], value: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x08];
+    v.extend_from_slice(name);
+    v.extend_from_slice(value);
+    v
+}
+
+/// COM1 as an ACPI device (PNP0501) with its ports and IRQ, so that an ACPI kernel in
+/// hardware-reduced mode (no legacy PIC, no implicit ISA IRQs) routes IRQ 4 to the UART.
+fn aml_com1() -> Vec<u8> {
+    let resources = [
+        0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08, // IO (Decode16, 0x3f8, 0x3f8, 1, 8)
+        0x22, 0x10, 0x00, // IRQNoFlags () {4}
+        0x79, 0x00, // end tag
     ];
+    let mut buffer = vec![0x0a, resources.len() as u8];
+    buffer.extend_from_slice(&resources);
+    let mut body = b"COM1".to_vec();
+    body.extend(aml_name(b"_HID", &[0x0c, 0x41, 0xd0, 0x05, 0x01])); // EisaId ("PNP0501")
+    body.extend(aml_name(b"_UID", &[0x00]));
+    body.extend(aml_name(b"_CRS", &aml_package(&[0x11], &buffer)));
+    let device = aml_package(&[0x5b, 0x82], &body);
+    let mut scope = b"\\_SB_".to_vec();
+    scope.extend(device);
+    aml_package(&[0x10], &scope)
+}
+
+/// DSDT: `Name (_S5, Package () { S5_SLEEP_TYPE, 0 })` and the COM1 device.
+fn dsdt() -> Vec<u8> {
+    let s5 = aml_package(&[0x12], &[0x02, 0x0a, S5_SLEEP_TYPE, 0x0a, 0x00]);
+    let mut aml = aml_name(b"_S5_", &s5);
+    aml.extend(aml_com1());
     sdt(b"DSDT", 2, &aml)
 }
 
@@ -249,13 +293,34 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_declares_s5() {
+    fn dsdt_declares_s5_and_com1() {
         let d = dsdt();
         let aml = &d[HEADER_LEN..];
         assert_eq!(&aml[1..5], b"_S5_");
         assert_eq!(aml[9], S5_SLEEP_TYPE);
         // PkgLength counts itself and everything after it in the package.
-        assert_eq!(usize::from(aml[6]), aml.len() - 6);
+        assert_eq!(usize::from(aml[6]), 6);
+        let com1 = &aml[12..];
+        assert_eq!(com1[0], 0x10, "Scope");
+        assert_eq!(usize::from(com1[1]), com1.len() - 1);
+        assert_eq!(&com1[2..7], b"\\_SB_");
+        assert_eq!(&com1[7..9], &[0x5b, 0x82], "Device");
+        assert_eq!(usize::from(com1[9]), com1.len() - 9);
+        assert_eq!(&com1[10..14], b"COM1");
+        let find = |needle: &[u8]| com1.windows(needle.len()).any(|w| w == needle);
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x05, 0x01]), "PNP0501");
+        assert!(find(&[0x22, 0x10, 0x00]), "IRQ 4");
+    }
+
+    #[test]
+    fn pkg_length_encodings() {
+        assert_eq!(pkg_length(0), vec![1]);
+        assert_eq!(pkg_length(0x3e), vec![0x3f]);
+        // Two bytes: low nibble in byte 0, the rest in byte 1; total includes both.
+        assert_eq!(pkg_length(0x3f), vec![0x41, 0x04]);
+        assert_eq!(pkg_length(0x100), vec![0x42, 0x10]);
+        assert_eq!(pkg_length(0xffd), vec![0x4f, 0xff]);
+        assert_eq!(pkg_length(0xffe), vec![0x81, 0x00, 0x01]);
     }
 
     #[test]

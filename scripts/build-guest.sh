@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# Build wisp's default Linux guest from Debian packages:
+#   target/guest/vmlinux            tiny, patched 6.1 kernel (ELF, PVH note)
+#   target/guest/initramfs.cpio.gz  busybox-static + our nolibc /init
+# Cached: does nothing when the outputs were built from the same inputs.
+# WISP_GUEST_INT3_PATCH=1 also applies guest/kernel/optional/int3-selftest.patch
+# (separate build directory; part of the cache key).
+# See guest/README.md.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+SCRIPT=scripts/build-guest.sh
+KTAR=/usr/src/linux-source-6.1.tar.xz
+FRAGMENT=guest/kernel/wisp.config
+PATCH_DIR=guest/kernel/patches
+INT3_PATCH=guest/kernel/optional/int3-selftest.patch
+INIT_DIR=guest/init
+OUT=target/guest
+BUILD=target/guest-build
+
+INT3=${WISP_GUEST_INT3_PATCH:-0}
+case "$INT3" in
+    0 | "") INT3=0; VARIANT=default ;;
+    1) VARIANT=int3 ;;
+    *) echo "build-guest: WISP_GUEST_INT3_PATCH must be 0 or 1" >&2; exit 2 ;;
+esac
+
+step() { printf 'build-guest: %s\n' "$*"; }
+die() { printf 'build-guest: error: %s\n' "$*" >&2; exit 1; }
+
+# Run a noisy command with its output in a log; show the tail on failure.
+run_logged() {
+    local log=$1
+    shift
+    if ! "$@" >"$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        die "'$*' failed (full log: $log)"
+    fi
+}
+
+scripts/install-deps.sh
+
+mkdir -p "$OUT" "$BUILD"
+exec 9>"$BUILD/.lock"
+flock 9
+
+# ---------------------------------------------------------------- cache keys
+mapfile -t PATCHES < <(find "$PATCH_DIR" -maxdepth 1 -name '*.patch' | LC_ALL=C sort)
+[ "${#PATCHES[@]}" -gt 0 ] || die "no patches in $PATCH_DIR"
+if [ "$INT3" = 1 ]; then
+    PATCHES+=("$INT3_PATCH")
+fi
+
+[ -f "$KTAR" ] || die "$KTAR missing"
+KSRC_ID="$(dpkg-query -W -f='${Version}' linux-source-6.1) $(stat -c '%s %Y' "$KTAR")"
+CC_ID=$(gcc -dumpfullversion)
+
+key_of() { sha256sum "$@" | sha256sum | cut -c1-32; }
+
+SRC_KEY=$(printf '%s\n%s\n%s\n' "$KSRC_ID" "$INT3" "$(key_of "${PATCHES[@]}")" | key_of -)
+KERNEL_KEY=$(printf '%s\n%s\n%s\n' "$SRC_KEY" "$CC_ID" "$(key_of "$SCRIPT" "$FRAGMENT")" | key_of -)
+mapfile -t INIT_FILES < <(find "$INIT_DIR" -type f | LC_ALL=C sort)
+INITRD_KEY=$(printf '%s\n%s\n%s\n%s\n' "$KSRC_ID" "$CC_ID" \
+    "$(key_of "$SCRIPT" /bin/busybox "${INIT_FILES[@]}")" \
+    "$(cd "$INIT_DIR" && find . | LC_ALL=C sort | xargs stat -c '%n %a')" | key_of -)
+
+KB="$BUILD/linux-$VARIANT"   # kernel build dir for this variant
+KSRC="$KB/src"
+
+is_current() { # output stampfile key
+    [ -f "$1" ] && [ -f "$2" ] && [ "$(cat "$2")" = "$3" ]
+}
+
+# -------------------------------------------------------------------- kernel
+verify_config() {
+    local cfg=$1 bad=() line sym want got
+    while IFS= read -r line; do
+        [[ $line =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]] || continue
+        sym=${BASH_REMATCH[1]}
+        want=${BASH_REMATCH[2]}
+        got=$(grep -E "^$sym=" "$cfg" | cut -d= -f2- || true)
+        if [ "$want" = n ]; then
+            [ -z "$got" ] || bad+=("$sym: wanted n, got $got")
+        elif [ "$got" != "$want" ]; then
+            bad+=("$sym: wanted $want, got ${got:-n/unset}")
+        fi
+    done <"$FRAGMENT"
+    if [ "${#bad[@]}" -gt 0 ]; then
+        printf 'build-guest:   %s\n' "${bad[@]}" >&2
+        die "${#bad[@]} option(s) of $FRAGMENT did not survive into $cfg (unmet dependencies?)"
+    fi
+}
+
+build_kernel() {
+    mkdir -p "$KB"
+    # This variant was already built from these inputs: just copy it.
+    if is_current "$KB/vmlinux.out" "$KB/vmlinux.key" "$KERNEL_KEY"; then
+        cp "$KB/vmlinux.out" "$OUT/vmlinux.tmp"
+        mv "$OUT/vmlinux.tmp" "$OUT/vmlinux"
+        echo "$KERNEL_KEY" >"$BUILD/vmlinux.key"
+        step "kernel: $OUT/vmlinux copied from $KB ($VARIANT)"
+        return
+    fi
+    if ! is_current "$KSRC/Makefile" "$KB/src.key" "$SRC_KEY"; then
+        step "kernel: unpacking $KTAR"
+        rm -rf "$KSRC" "$KB/src.key" "$KB/config.key"
+        mkdir -p "$KSRC"
+        tar -xf "$KTAR" -C "$KSRC" --strip-components=1
+        local p
+        for p in "${PATCHES[@]}"; do
+            step "kernel: applying ${p#guest/kernel/}"
+            patch -d "$KSRC" -p1 -s -N <"$p" || die "patch $p failed"
+        done
+        echo "$SRC_KEY" >"$KB/src.key"
+    fi
+
+    local cfg_key
+    cfg_key=$(printf '%s\n%s\n' "$SRC_KEY" "$(key_of "$FRAGMENT")" | key_of -)
+    if ! is_current "$KSRC/.config" "$KB/config.key" "$cfg_key"; then
+        step "kernel: tinyconfig + $FRAGMENT"
+        run_logged "$KB/config.log" make -C "$KSRC" tinyconfig
+        run_logged "$KB/merge.log" env -C "$KSRC" \
+            scripts/kconfig/merge_config.sh -m .config "$PWD/$FRAGMENT"
+        run_logged "$KB/olddefconfig.log" make -C "$KSRC" olddefconfig
+        verify_config "$KSRC/.config"
+        echo "$cfg_key" >"$KB/config.key"
+    fi
+
+    step "kernel: make -j$(nproc) vmlinux (log: $KB/build.log)"
+    run_logged "$KB/build.log" nice -n 10 make -C "$KSRC" -j"$(nproc)" \
+        KBUILD_BUILD_USER=wisp KBUILD_BUILD_HOST=wisp \
+        KBUILD_BUILD_TIMESTAMP="Debian linux-source-6.1 ${KSRC_ID%% *}" vmlinux
+    readelf -n "$KSRC/vmlinux" | grep -q 'Xen.*0x00000012' ||
+        die "vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
+    objcopy --strip-debug "$KSRC/vmlinux" "$KB/vmlinux.out"
+    echo "$KERNEL_KEY" >"$KB/vmlinux.key"
+    cp "$KB/vmlinux.out" "$OUT/vmlinux.tmp"
+    mv "$OUT/vmlinux.tmp" "$OUT/vmlinux"
+    echo "$KERNEL_KEY" >"$BUILD/vmlinux.key"
+    step "kernel: $OUT/vmlinux ($(stat -c %s "$OUT/vmlinux") bytes)"
+}
+
+if is_current "$OUT/vmlinux" "$BUILD/vmlinux.key" "$KERNEL_KEY"; then
+    step "kernel: up to date ($VARIANT)"
+else
+    build_kernel
+fi
+
+# ----------------------------------------------------------------- initramfs
+build_initramfs() {
+    local stage="$BUILD/initramfs" nolibc="$KSRC/tools/include/nolibc/nolibc.h"
+    if [ ! -f "$nolibc" ]; then
+        # Kernel is cached but its tree is gone: unpack just nolibc.
+        step "initramfs: unpacking nolibc from $KTAR"
+        rm -rf "$BUILD/nolibc-src"
+        mkdir -p "$BUILD/nolibc-src"
+        tar -xf "$KTAR" -C "$BUILD/nolibc-src" --strip-components=1 \
+            linux-source-6.1/tools/include/nolibc
+        nolibc="$BUILD/nolibc-src/tools/include/nolibc/nolibc.h"
+    fi
+
+    step "initramfs: staging $stage"
+    rm -rf "$stage"
+    mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,etc/init.d,proc,sys,dev,tmp,root,run,mnt}
+    chmod 1777 "$stage/tmp"
+    chmod 0700 "$stage/root"
+    cp -a "$INIT_DIR/rootfs/." "$stage/"
+
+    step "initramfs: compiling /init (nolibc)"
+    gcc -Os -static -nostdlib -fno-asynchronous-unwind-tables -fno-ident \
+        -fno-stack-protector -Wall -Wextra -Werror \
+        -Wl,--build-id=none -Wl,-z,noexecstack \
+        -include "$nolibc" -o "$stage/init" "$INIT_DIR/init.c" -lgcc
+    strip "$stage/init"
+
+    cp /bin/busybox "$stage/bin/busybox"
+    # Applet symlinks: those listed in guest/init/applets (ALL = every one).
+    local app
+    while IFS= read -r app; do
+        [ -e "$stage/$app" ] || ln -s /bin/busybox "$stage/$app"
+    done < <(
+        if grep -qx ALL "$INIT_DIR/applets"; then
+            /bin/busybox --list-full | grep /   # skip 'linuxrc'
+        else
+            grep -v -e '^#' -e '^[[:space:]]*$' "$INIT_DIR/applets"
+        fi
+    )
+
+    # The kernel opens /dev/console before running /init.
+    mknod -m 600 "$stage/dev/console" c 5 1 ||
+        step "initramfs: warning: cannot mknod /dev/console (init reopens it)"
+
+    # gzip format with *stored* (level 0) deflate blocks: inflating is
+    # emulated kernel work on the project's hosts (~55 s for a -9 archive
+    # of this size, ~0 s for a stored one). See guest/README.md.
+    step "initramfs: packing $OUT/initramfs.cpio.gz"
+    find "$stage" -exec touch -h -d @0 {} +
+    (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio -o -H newc -R 0:0 --reproducible --quiet) |
+        python3 -c 'import gzip, sys
+sys.stdout.buffer.write(gzip.compress(sys.stdin.buffer.read(), compresslevel=0, mtime=0))' \
+        >"$OUT/initramfs.cpio.gz.tmp"
+    gzip -t "$OUT/initramfs.cpio.gz.tmp"
+    mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
+    echo "$INITRD_KEY" >"$BUILD/initramfs.key"
+    step "initramfs: $OUT/initramfs.cpio.gz ($(stat -c %s "$OUT/initramfs.cpio.gz") bytes)"
+}
+
+if is_current "$OUT/initramfs.cpio.gz" "$BUILD/initramfs.key" "$INITRD_KEY"; then
+    step "initramfs: up to date"
+else
+    build_initramfs
+fi
+
+# ------------------------------------------------------------- probe guest
+if [ -x scripts/build-probe.sh ]; then
+    step "probe: scripts/build-probe.sh"
+    scripts/build-probe.sh
+fi

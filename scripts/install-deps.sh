@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install (idempotently) the Debian packages needed to build wisp's default
+# guest: kernel source, toolchain for the kernel and our init, busybox, cpio.
+# Runs `apt-get update` only when something is missing. Quiet on success.
+set -euo pipefail
+
+PKGS=(
+    linux-source-6.1   # /usr/src/linux-source-6.1.tar.xz
+    busybox-static     # /bin/busybox for the initramfs
+    build-essential    # gcc, make, libc headers
+    flex bison bc      # kconfig / kernel build
+    libelf-dev         # objtool
+    libssl-dev         # scripts/sign-file, extract-cert (host tools)
+    perl python3       # kernel build scripts
+    cpio gzip xz-utils # unpack source, pack initramfs
+    patch              # apply guest/kernel/patches
+    binutils           # strip/objcopy
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+        missing+=("$p")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=(sudo)
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! { "${SUDO[@]}" apt-get update -qq &&
+       "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "install-deps: apt-get failed" >&2
+    exit 1
+fi
