@@ -13,13 +13,10 @@ pub const BASE: &str = "console=ttyS0 reboot=k panic=-1";
 /// Added only when guest kernel mode is software-emulated (see `wisp doctor`):
 /// - hide CPU features the host's instruction emulator cannot run (xsave, popcnt, SMAP's
 ///   clac/stac, cmpxchg16b) or runs slowly (rep movsb/stosb);
-/// - no KVM hypercalls: such an emulator re-executes VMCALL forever instead of completing
-///   it (`no-kvm-hypercalls` is understood by the default guest's kernel, `nopvspin` by
-///   any Linux);
 /// - trust the TSC, and skip work that costs seconds when every kernel instruction is
 ///   emulated (read-only remapping, the boot log).
-pub const EMULATED_KERNEL_MODE: &str = "noxsave clearcpuid=popcnt,smap,erms,fsrm,cx16 \
-     no-kvm-hypercalls nopvspin tsc=reliable no_timer_check rodata=off quiet";
+pub const EMULATED_KERNEL_MODE: &str =
+    "noxsave clearcpuid=popcnt,smap,erms,fsrm,cx16 tsc=reliable no_timer_check rodata=off quiet";
 
 /// Errors building the command line.
 #[derive(Debug, Error)]

@@ -132,12 +132,15 @@ impl Vcpu {
     }
 
     /// Sets CPUID, MSRs, registers, FPU and LAPIC for booting at `entry`.
+    /// `no_hypercalls` hides the KVM PV features that need hypercalls (see
+    /// [`VcpuTopology::no_hypercalls`]).
     pub fn configure(
         &self,
         kvm: &Kvm,
         supported_cpuid: &CpuId,
         count: u8,
         entry: EntryPoint,
+        no_hypercalls: bool,
     ) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         normalize(
@@ -146,6 +149,7 @@ impl Vcpu {
                 index: self.index,
                 count,
                 tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+                no_hypercalls,
             },
         );
         self.fd

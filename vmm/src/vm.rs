@@ -202,7 +202,13 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let vcpu = Vcpu::new(&vm_fd, index, io_bus.clone(), mmio_bus.clone(), mem.clone())?;
-            vcpu.configure(&kvm, &supported, config.cpus, kernel.entry)?;
+            vcpu.configure(
+                &kvm,
+                &supported,
+                config.cpus,
+                kernel.entry,
+                opts.emulated_kernel_mode,
+            )?;
             vcpus.push(vcpu);
         }
 

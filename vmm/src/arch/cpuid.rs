@@ -19,6 +19,13 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
+/// KVM PV features (leaf 0x4000_0001 EAX) whose use means a hypercall (VMCALL).
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+/// All of them.
+pub const KVM_HYPERCALL_FEATURES: u32 =
+    KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD;
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d]; // "KVMKVMKVM\0\0\0"
 
 /// CPU vendor, from leaf 0.
@@ -58,6 +65,10 @@ pub struct VcpuTopology {
     pub count: u8,
     /// Whether the in-kernel LAPIC supports TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER).
     pub tsc_deadline: bool,
+    /// Hide the KVM PV features that make the guest issue hypercalls (PV IPIs, PV sched
+    /// yield, PV spinlock kicks). Set where guest kernel mode is emulated: such hosts
+    /// re-execute VMCALL forever instead of completing it.
+    pub no_hypercalls: bool,
 }
 
 /// Rewrites `entries` (a copy of KVM's supported CPUID) for one vCPU.
@@ -103,6 +114,9 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], topo: VcpuTopology) {
                 e.ebx = logical;
                 e.ecx = (kind << 8) | (e.index & 0xff);
                 e.edx = id;
+            }
+            LEAF_KVM_FEATURES if topo.no_hypercalls => {
+                e.eax &= !KVM_HYPERCALL_FEATURES;
             }
             LEAF_HYPERVISOR => {
                 e.eax = e.eax.max(LEAF_KVM_FEATURES);
@@ -172,6 +186,7 @@ mod tests {
                     index,
                     count,
                     tsc_deadline: true,
+                    no_hypercalls: false,
                 },
             );
             let l1 = get(&t, 1, 0);
@@ -201,6 +216,29 @@ mod tests {
     }
 
     #[test]
+    fn hypercall_features_hidden_only_on_request() {
+        let mut kvm = entry(0x4000_0001, 0);
+        kvm.eax = 0x01ff_ffff;
+        for hide in [false, true] {
+            let mut t = table();
+            t.push(kvm);
+            normalize(
+                &mut t,
+                VcpuTopology {
+                    index: 0,
+                    count: 2,
+                    tsc_deadline: false,
+                    no_hypercalls: hide,
+                },
+            );
+            let eax = get(&t, 0x4000_0001, 0).eax;
+            assert_eq!(eax & KVM_HYPERCALL_FEATURES == 0, hide);
+            // kvmclock and the rest stay.
+            assert_eq!(eax | KVM_HYPERCALL_FEATURES, 0x01ff_ffff);
+        }
+    }
+
+    #[test]
     fn id_bits_is_ceil_log2() {
         assert_eq!(
             [1, 2, 3, 4, 5, 8, 9, 254].map(id_bits),
@@ -220,6 +258,7 @@ mod tests {
                 index: 3,
                 count: 4,
                 tsc_deadline: false,
+                no_hypercalls: false,
             },
         );
         assert_eq!(get(&t, 0x8000_0008, 0).ecx & 0xff, 3);
