@@ -82,6 +82,27 @@ pub struct BootInfo {
 }
 
 impl BootInfo {
+    /// Reads `n` (at most [`MAX_MEM_REGIONS`]) memory-map entries laid out `stride`
+    /// bytes apart from `base`, each starting {addr: u64, size: u64, type: u32}.
+    ///
+    /// # Safety
+    /// The caller has checked that all `n` entries are mapped guest memory.
+    unsafe fn read_regions(&mut self, base: u64, stride: u64, n: usize) {
+        let n = n.min(MAX_MEM_REGIONS);
+        for i in 0..n {
+            let e = base + i as u64 * stride;
+            // SAFETY: guaranteed by the caller.
+            self.regions[i] = unsafe {
+                MemRegion {
+                    addr: read_phys(e),
+                    size: read_phys(e + 8),
+                    kind: read_phys(e + 16),
+                }
+            };
+        }
+        self.region_count = n;
+    }
+
     fn new(protocol: Protocol) -> Self {
         BootInfo {
             protocol,
@@ -216,18 +237,8 @@ unsafe fn parse_pvh(info: u64) -> Result<BootInfo, Error> {
         let n = (entries as usize).min(MAX_MEM_REGIONS);
         if n > 0 {
             check("PVH memmap", memmap, n as u64 * PVH_MEMMAP_ENTRY_SIZE)?;
-            for i in 0..n {
-                let e = memmap + i as u64 * PVH_MEMMAP_ENTRY_SIZE;
-                // SAFETY: all n entries were checked above.
-                bi.regions[i] = unsafe {
-                    MemRegion {
-                        addr: read_phys(e),
-                        size: read_phys(e + 8),
-                        kind: read_phys(e + 16),
-                    }
-                };
-            }
-            bi.region_count = n;
+            // SAFETY: all n entries were checked above.
+            unsafe { bi.read_regions(memmap, PVH_MEMMAP_ENTRY_SIZE, n) };
         }
     }
     Ok(bi)
@@ -253,18 +264,8 @@ unsafe fn parse_linux64(info: u64) -> Result<BootInfo, Error> {
     }
     bi.regions_announced = u64::from(entries);
     let n = usize::from(entries).min(MAX_MEM_REGIONS);
-    for i in 0..n {
-        let e = info + BP_OFF_E820_TABLE + i as u64 * E820_ENTRY_SIZE;
-        // SAFETY: 0x2d0 + 128 * 20 <= 4096: inside the checked zero page.
-        bi.regions[i] = unsafe {
-            MemRegion {
-                addr: read_phys(e),
-                size: read_phys(e + 8),
-                kind: read_phys(e + 16),
-            }
-        };
-    }
-    bi.region_count = n;
+    // SAFETY: 0x2d0 + 128 * 20 <= 4096: inside the checked zero page.
+    unsafe { bi.read_regions(info + BP_OFF_E820_TABLE, E820_ENTRY_SIZE, n) };
     Ok(bi)
 }
 
