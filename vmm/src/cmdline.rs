@@ -14,9 +14,9 @@ pub const BASE: &str = "console=ttyS0 reboot=k panic=-1";
 /// - hide CPU features the host's instruction emulator cannot run (xsave, popcnt, SMAP's
 ///   clac/stac, cmpxchg16b) or runs slowly (rep movsb/stosb);
 /// - trust the TSC, and skip work that costs seconds when every kernel instruction is
-///   emulated (read-only remapping, the boot log).
+///   emulated (read-only remapping, rewriting SMP lock prefixes on one vCPU, the boot log).
 pub const EMULATED_KERNEL_MODE: &str =
-    "noxsave clearcpuid=popcnt,smap,erms,fsrm,cx16 tsc=reliable no_timer_check rodata=off quiet";
+    "noxsave clearcpuid=popcnt,smap,erms,fsrm,cx16 tsc=reliable no_timer_check rodata=off noreplace-smp quiet";
 
 /// Errors building the command line.
 #[derive(Debug, Error)]
