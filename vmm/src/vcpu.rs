@@ -384,14 +384,4 @@ impl Vcpu {
         );
         Ok(())
     }
-
-    /// The guest memory this vCPU sees.
-    pub fn memory(&self) -> &GuestMemory {
-        &self.mem
-    }
-
-    /// The vCPU's KVM handle.
-    pub fn fd(&self) -> &VcpuFd {
-        &self.fd
-    }
 }
