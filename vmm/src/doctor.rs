@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use kvm_ioctls::Kvm;
 
-use crate::host::{measure_kernel_mode, KernelModeSpeed, REQUIRED_CAPS, STATE_CAPS};
+use crate::host::{measure_kernel_mode, missing_caps, KernelModeSpeed, REQUIRED_CAPS, STATE_CAPS};
 
 /// Loop iterations for the doctor's measurement (about 0.8 s where kernel mode is
 /// emulated, microseconds on hardware).
@@ -67,11 +67,7 @@ pub fn run(kvm: &Kvm, iterations: u32) -> Report {
         ("capabilities", REQUIRED_CAPS, true),
         ("state capabilities", STATE_CAPS, false),
     ] {
-        let missing: Vec<&str> = caps
-            .iter()
-            .filter(|(c, _)| !kvm.check_extension(*c))
-            .map(|(_, n)| *n)
-            .collect();
+        let missing = missing_caps(kvm, caps);
         let names: Vec<&str> = caps.iter().map(|(_, n)| *n).collect();
         let value = if missing.is_empty() {
             format!("ok: {}", names.join(", "))

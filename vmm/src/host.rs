@@ -4,13 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuExit};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::layout::KVM_TSS_ADDRESS;
 use crate::arch::regs::{boot_regs, setup_sregs, EntryPoint};
+use crate::memory;
 
 /// Guest kernel mode slower than this (instructions per second) is software-emulated.
 /// Hardware virtualization runs billions; the emulators seen so far run about a million.
@@ -18,7 +19,7 @@ pub const EMULATION_THRESHOLD: f64 = 100e6;
 
 const MARKER_PORT: u16 = 0x80;
 const CODE_START: u64 = 0x10000;
-const PROBE_MEM: usize = 1 << 20;
+const PROBE_MEM: u64 = 1 << 20;
 
 /// Errors opening or probing KVM.
 #[derive(Debug, Error)]
@@ -59,10 +60,9 @@ pub const STATE_CAPS: &[(Cap, &str)] = &[
     (Cap::MpState, "MP state"),
 ];
 
-/// The required capabilities this host lacks.
-pub fn missing_caps(kvm: &Kvm) -> Vec<&'static str> {
-    REQUIRED_CAPS
-        .iter()
+/// The capabilities of `caps` (e.g. [`REQUIRED_CAPS`]) this host lacks.
+pub fn missing_caps(kvm: &Kvm, caps: &[(Cap, &'static str)]) -> Vec<&'static str> {
+    caps.iter()
         .filter(|(cap, _)| !kvm.check_extension(*cap))
         .map(|(_, name)| *name)
         .collect()
@@ -112,25 +112,11 @@ fn probe_err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Host
 /// and times them between two port-I/O exits.
 pub fn measure_kernel_mode(kvm: &Kvm, iterations: u32) -> Result<KernelModeSpeed, HostError> {
     // `mem` is declared before `vm` so that it is dropped after it.
-    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), PROBE_MEM)])
-        .map_err(probe_err("allocating memory"))?;
+    let mem = memory::create(PROBE_MEM).map_err(probe_err("allocating memory"))?;
     let vm = kvm.create_vm().map_err(probe_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(probe_err("KVM_SET_TSS_ADDR"))?;
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(probe_err("mapping memory"))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: PROBE_MEM as u64,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: `host` is the start of a live PROBE_MEM-byte mapping owned by `mem`, which
-    // is declared before `vm` and so outlives it and every vCPU of it.
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(probe_err("KVM_SET_USER_MEMORY_REGION"))?;
+    memory::register(&vm, &mem).map_err(probe_err("registering memory"))?;
     mem.write_slice(&timing_code(iterations), GuestAddress(CODE_START))
         .map_err(probe_err("writing code"))?;
 

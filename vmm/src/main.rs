@@ -173,7 +173,7 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         check_readable("initrd", i)?;
     }
     let kvm = host::open_kvm()?;
-    let missing = host::missing_caps(&kvm);
+    let missing = host::missing_caps(&kvm, host::REQUIRED_CAPS);
     if !missing.is_empty() {
         bail!(
             "this host's KVM lacks {} (see `wisp doctor`)",

@@ -63,8 +63,9 @@ pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
             userspace_addr: host as u64,
         };
         // SAFETY: `host` points to a live mapping of `region.len()` bytes owned by `mem`,
-        // which the caller keeps alive for as long as the VM exists (the Vm struct owns
-        // both). No other slot overlaps: regions come from non-overlapping ranges.
+        // which callers keep alive for as long as the VM exists (`Vm` drops its memory
+        // after the VM fd; the timing guest declares its memory before its VM). No other
+        // slot overlaps: regions come from non-overlapping ranges.
         unsafe { vm.set_user_memory_region(desc) }
             .map_err(|source| MemoryError::Register { slot, source })?;
     }

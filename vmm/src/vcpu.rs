@@ -81,6 +81,15 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)
 }
 
+/// Bytes as space-separated hex pairs, for messages about guest code.
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A configured vCPU, ready to run on its own thread.
 pub struct Vcpu {
     index: u8,
@@ -223,11 +232,7 @@ impl Vcpu {
                 r.rsp,
                 r.rflags,
                 mp.mp_state,
-                self.instruction_bytes(r.rip)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                hex(&self.instruction_bytes(r.rip))
             ),
             (Err(e), _) | (_, Err(e)) => log::debug!("vcpu{index}: state unreadable: {e}"),
         }
@@ -350,7 +355,6 @@ impl Vcpu {
                 Err(e) => log::warn!("vcpu{index}: cannot deliver #BP: {e}"),
             }
         }
-        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let what = if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
             "KVM emulation failure".to_string()
         } else {
@@ -359,7 +363,7 @@ impl Vcpu {
         Next::Stop(Outcome::Crash(format!(
             "{what} on vCPU {index} at RIP {:#x}, instruction bytes [{}]",
             regs.rip,
-            hex.join(" ")
+            hex(&bytes)
         )))
     }
 
