@@ -26,13 +26,30 @@ pub enum CmdlineError {
     Invalid(linux_loader::cmdline::Error),
 }
 
-/// Builds the full command line.
-pub fn compose(user: &str, emulated_kernel_mode: bool) -> Result<Cmdline, CmdlineError> {
+/// True if the user's command line turns ACPI off (the kernel then reads the MP table
+/// and needs its virtio devices on the command line).
+pub fn acpi_off(user: &str) -> bool {
+    user.split_whitespace()
+        .filter(|w| w.starts_with("acpi="))
+        .next_back()
+        == Some("acpi=off")
+}
+
+/// Builds the full command line: wisp's part, `devices` (device announcements), then
+/// the user's part, so the user's words win.
+pub fn compose(
+    user: &str,
+    emulated_kernel_mode: bool,
+    devices: &str,
+) -> Result<Cmdline, CmdlineError> {
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(CmdlineError::Invalid)?;
     c.insert_str(BASE).map_err(CmdlineError::Invalid)?;
     if emulated_kernel_mode {
         c.insert_str(EMULATED_KERNEL_MODE)
             .map_err(CmdlineError::Invalid)?;
+    }
+    if !devices.is_empty() {
+        c.insert_str(devices).map_err(CmdlineError::Invalid)?;
     }
     let user = user.trim();
     if !user.is_empty() {
@@ -51,15 +68,25 @@ mod tests {
 
     #[test]
     fn user_part_comes_last_and_adaptation_is_conditional() {
-        let hw = compose(" probe.cmd=hello ", false).unwrap();
+        let hw = compose(" probe.cmd=hello ", false, "").unwrap();
         assert_eq!(s(&hw), format!("{BASE} probe.cmd=hello"));
-        let emu = compose("loglevel=7", true).unwrap();
-        assert_eq!(s(&emu), format!("{BASE} {EMULATED_KERNEL_MODE} loglevel=7"));
+        let emu = compose("loglevel=7", true, "dev=1").unwrap();
+        assert_eq!(
+            s(&emu),
+            format!("{BASE} {EMULATED_KERNEL_MODE} dev=1 loglevel=7")
+        );
+    }
+
+    #[test]
+    fn acpi_off_is_the_last_acpi_word() {
+        assert!(acpi_off("root=/dev/vda acpi=off"));
+        assert!(!acpi_off("acpi=off acpi=force"));
+        assert!(!acpi_off("noacpi"));
     }
 
     #[test]
     fn too_long_is_an_error() {
-        assert!(compose(&"a".repeat(CMDLINE_MAX_SIZE), false).is_err());
-        assert!(compose("bad\u{1}char", false).is_err());
+        assert!(compose(&"a".repeat(CMDLINE_MAX_SIZE), false, "").is_err());
+        assert!(compose("bad\u{1}char", false, "").is_err());
     }
 }

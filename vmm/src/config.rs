@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use devices::virtio::block::BlockConfig;
+use devices::virtio::net::MacAddr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -26,7 +28,32 @@ pub struct VmConfig {
     pub cpus: u8,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
+    /// virtio-blk disks, in order (the first is /dev/vda).
+    pub disks: Vec<BlockConfig>,
+    /// virtio-net cards, in order.
+    pub nets: Vec<NetConfig>,
 }
+
+/// Where a network card's frames go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetBackend {
+    /// An existing host TAP.
+    Tap(String),
+    /// A TAP wisp creates and attaches to this host bridge.
+    Bridge(String),
+}
+
+/// One virtio-net card.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// The host side.
+    pub backend: NetBackend,
+    /// The guest's MAC; default: derived from the VM name and the card's index.
+    pub mac: Option<MacAddr>,
+}
+
+/// Most virtio devices (disks + network cards) one VM can have.
+pub const MAX_VIRTIO_DEVICES: usize = 16;
 
 /// A configuration that cannot be built, with the fix in the message.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -60,6 +87,27 @@ pub enum ConfigError {
     /// An empty or oversized name.
     #[error("--name must be 1 to 64 characters of letters, digits, '-', '_' or '.', not {0:?}")]
     BadName(String),
+    /// A malformed --disk value.
+    #[error("--disk {spec:?}: {why}; expected PATH[,ro][,id=NAME]")]
+    BadDisk {
+        /// The value given.
+        spec: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A malformed --net value.
+    #[error("--net {spec:?}: {why}; expected tap=NAME[,mac=MAC] or bridge=BR[,mac=MAC]")]
+    BadNet {
+        /// The value given.
+        spec: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Too many devices.
+    #[error(
+        "{0} disks and network cards are too many; wisp supports at most {MAX_VIRTIO_DEVICES}"
+    )]
+    TooManyDevices(usize),
 }
 
 /// Limits that come from the host.
@@ -108,6 +156,90 @@ pub fn check_name(name: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::BadName(name.to_string()))
     }
+}
+
+/// Parses `--disk PATH[,ro][,id=NAME]`.
+pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
+    let bad = |why: &str| ConfigError::BadDisk {
+        spec: spec.to_string(),
+        why: why.to_string(),
+    };
+    let mut parts = spec.split(',');
+    let path = PathBuf::from(parts.next().unwrap_or_default());
+    if path.as_os_str().is_empty() {
+        return Err(bad("no image path"));
+    }
+    let mut read_only = false;
+    let mut id = None;
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => read_only = true,
+            Some(("id", v)) if !v.is_empty() && v.len() <= 20 && v.is_ascii() => {
+                id = Some(v.to_string())
+            }
+            Some(("id", _)) => return Err(bad("id must be 1 to 20 ASCII characters")),
+            _ => return Err(bad(&format!("unknown option {opt:?}"))),
+        }
+    }
+    let id = id.unwrap_or_else(|| {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        name.chars().filter(char::is_ascii).take(20).collect()
+    });
+    Ok(BlockConfig {
+        path,
+        read_only,
+        id,
+    })
+}
+
+/// Parses `--net tap=NAME[,mac=MAC]` or `--net bridge=BR[,mac=MAC]`.
+pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
+    let bad = |why: &str| ConfigError::BadNet {
+        spec: spec.to_string(),
+        why: why.to_string(),
+    };
+    let mut parts = spec.split(',');
+    let backend = match parts.next().and_then(|p| p.split_once('=')) {
+        Some(("tap", n)) if valid_ifname(n) => NetBackend::Tap(n.to_string()),
+        Some(("bridge", n)) if valid_ifname(n) => NetBackend::Bridge(n.to_string()),
+        Some(("tap" | "bridge", _)) => {
+            return Err(bad(
+                "interface names are 1 to 15 characters without '/', ' ' or ':'",
+            ))
+        }
+        _ => return Err(bad("it must start with tap=NAME or bridge=BR")),
+    };
+    let mut mac = None;
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("mac", v)) => match MacAddr::parse(v) {
+                Some(m) if !m.is_multicast() => mac = Some(m),
+                Some(_) => return Err(bad("mac must be a unicast address (first byte even)")),
+                None => return Err(bad("mac must look like 52:54:00:12:34:56")),
+            },
+            _ => return Err(bad(&format!("unknown option {opt:?}"))),
+        }
+    }
+    Ok(NetConfig { backend, mac })
+}
+
+fn valid_ifname(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() < 16
+        && n.chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | ':' | ','))
+}
+
+/// Checks the device count.
+pub fn check_devices(disks: usize, nets: usize) -> Result<(), ConfigError> {
+    let n = disks + nets;
+    if n > MAX_VIRTIO_DEVICES {
+        return Err(ConfigError::TooManyDevices(n));
+    }
+    Ok(())
 }
 
 /// Host RAM in MiB, from /proc/meminfo.
@@ -170,6 +302,51 @@ mod tests {
         for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn disk_specs() {
+        let d = parse_disk("/tmp/a.img").unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(!d.read_only);
+        assert_eq!(d.id, "a.img");
+        let d = parse_disk("x.img,ro,id=root").unwrap();
+        assert!(d.read_only);
+        assert_eq!(d.id, "root");
+        for bad in [
+            "",
+            ",ro",
+            "x,rw",
+            "x,id=",
+            &format!("x,id={}", "a".repeat(21)),
+        ] {
+            let e = parse_disk(bad).unwrap_err();
+            assert!(e.to_string().contains("PATH[,ro][,id=NAME]"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_specs() {
+        let n = parse_net("tap=tap0").unwrap();
+        assert_eq!(n.backend, NetBackend::Tap("tap0".into()));
+        assert_eq!(n.mac, None);
+        let n = parse_net("bridge=br0,mac=52:54:00:00:00:01").unwrap();
+        assert_eq!(n.backend, NetBackend::Bridge("br0".into()));
+        assert_eq!(n.mac.unwrap().to_string(), "52:54:00:00:00:01");
+        for bad in [
+            "",
+            "tap",
+            "tap=",
+            "tap=0123456789abcdef",
+            "vde=x",
+            "tap=t0,mac=01:00:00:00:00:01",
+            "tap=t0,mac=zz",
+            "tap=t0,foo=1",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+        assert!(check_devices(8, 8).is_ok());
+        assert!(check_devices(9, 8).is_err());
     }
 
     #[test]

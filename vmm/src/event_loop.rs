@@ -1,5 +1,6 @@
 //! The VMM thread's epoll loop: the exit latch, console input (paced by the UART's
-//! "input drained" event) and termination signals.
+//! "input drained" event), termination signals, and the virtio devices' queue
+//! notifications (ioeventfds) and backends (TAPs, edge-triggered).
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
@@ -7,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
 use devices::legacy::SerialDevice;
+use devices::virtio::mmio::MmioTransport;
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +22,11 @@ const TOKEN_INPUT: u64 = 1;
 const TOKEN_DRAINED: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const READ_CHUNK: usize = 4096;
+/// Device tokens: `TOKEN_DEVICES + device * DEVICE_TOKENS + queue`, and the backend at
+/// `... + BACKEND_SUB`.
+const TOKEN_DEVICES: u64 = 16;
+const DEVICE_TOKENS: u64 = 16;
+const BACKEND_SUB: u64 = DEVICE_TOKENS - 1;
 
 /// Errors of the event loop itself (not of the guest).
 #[derive(Debug, Error)]
@@ -46,16 +53,19 @@ pub struct EventLoop {
     drained: EventFd,
     signals: SignalFd,
     console: Option<ConsoleIn>,
+    devices: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl EventLoop {
-    /// A loop over `latch`, the UART's drained event, `signals` and console `input`.
+    /// A loop over `latch`, the UART's drained event, `signals`, console `input` and the
+    /// virtio `devices`.
     pub fn new(
         latch: Arc<ExitLatch>,
         serial: Arc<Mutex<SerialDevice>>,
         drained: EventFd,
         signals: SignalFd,
         input: Option<Input>,
+        devices: Vec<Arc<Mutex<MmioTransport>>>,
     ) -> Result<Self, EventLoopError> {
         let epoll = Epoll::new()?;
         let add = |fd: RawFd, token: u64| {
@@ -68,6 +78,23 @@ impl EventLoop {
         add(latch.eventfd().as_raw_fd(), TOKEN_LATCH)?;
         add(drained.as_raw_fd(), TOKEN_DRAINED)?;
         add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
+        for (d, dev) in devices.iter().enumerate() {
+            let base = TOKEN_DEVICES + d as u64 * DEVICE_TOKENS;
+            let dev = lock(dev);
+            for (q, evt) in dev.queue_evts().iter().enumerate() {
+                add(evt.as_raw_fd(), base + q as u64)?;
+            }
+            if let Some(fd) = dev.backend_fd() {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(
+                        EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                        base + BACKEND_SUB,
+                    ),
+                )?;
+            }
+        }
         let console = input.map(|input| ConsoleIn {
             escape: input.escape.then(EscapeFilter::default),
             input,
@@ -83,13 +110,14 @@ impl EventLoop {
             drained,
             signals,
             console,
+            devices,
         })
     }
 
     /// Runs until something reports an outcome.
     pub fn run(&mut self) -> Result<Outcome, EventLoopError> {
         self.feed()?;
-        let mut events = vec![EpollEvent::default(); 8];
+        let mut events = vec![EpollEvent::default(); 32];
         loop {
             if let Some(outcome) = self.latch.get() {
                 return Ok(outcome);
@@ -112,9 +140,24 @@ impl EventLoop {
                             self.latch.set(Outcome::Signal(signo));
                         }
                     }
+                    t if t >= TOKEN_DEVICES => self.device_event(t - TOKEN_DEVICES, ev.events()),
                     _ => {}
                 }
             }
+        }
+    }
+
+    fn device_event(&mut self, token: u64, events: u32) {
+        let index = (token / DEVICE_TOKENS) as usize;
+        let sub = token % DEVICE_TOKENS;
+        let Some(dev) = self.devices.get(index) else {
+            return;
+        };
+        let mut dev = lock(dev);
+        if sub == BACKEND_SUB {
+            dev.backend_event(events);
+        } else {
+            dev.queue_event(sub as usize);
         }
     }
 

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod cmdline;
 pub mod config;
 pub mod console;
+pub mod device_manager;
 pub mod doctor;
 pub mod event_loop;
 pub mod host;

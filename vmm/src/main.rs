@@ -57,6 +57,9 @@ GUEST DEVICES:
   COM1 (0x3f8, IRQ 4) is the console. The i8042 reset (Linux reboot=k) ends the VM with
   status 0. Writing a byte N to I/O port 0x500 ends the VM with status N (debug exit).
   Writing 0x7b to port 0x501 marks boot complete: wisp logs the time since it started.
+  Disks and network cards are virtio-mmio devices (virtio 1.x), one 4 KiB window each
+  from 0xd0000000 with GSIs from 5, described in the ACPI DSDT. With acpi=off in
+  --cmdline, wisp announces them as virtio_mmio.device= words instead.
 
 EXIT STATUS:
   0 when the guest powers off or reboots (or you quit with Ctrl-A x), N when it writes N to
@@ -66,7 +69,9 @@ EXIT STATUS:
 EXAMPLES:
   wisp run                                  # the default guest from scripts/build-guest.sh
   wisp run --cpus 2 --memory 256            # ... with 2 vCPUs and 256 MiB
-  wisp run --kernel vmlinux --initrd initrd.img --cmdline 'root=/dev/vda'
+  wisp run --disk target/guest/rootfs.ext4 --cmdline 'root=/dev/vda rw'
+  wisp run --net tap=tap0 --cmdline 'ip=192.168.100.2::192.168.100.1:255.255.255.0'
+  wisp run --name vm1 --net bridge=wispbr0 --cmdline ip=dhcp
   wisp run --kernel target/guest/probe --cmdline probe.cmd=hello")]
 struct RunArgs {
     /// Kernel to boot: an x86_64 ELF vmlinux (PVH entry if it has the PVH note, else the
@@ -102,9 +107,26 @@ struct RunArgs {
     console: ConsoleSpec,
 
     /// Name of the VM, shown in logs. Letters, digits, '-', '_' and '.'.
-    /// Default: wisp-<pid>.
+    /// Default: wisp-<pid>. Default MAC addresses are derived from it, so give a name
+    /// to keep them stable across runs.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+
+    /// Add a virtio-blk disk backed by a raw image file (repeatable; the first is
+    /// /dev/vda, the next /dev/vdb, ...). `ro` makes it read-only (writes fail with an
+    /// I/O error in the guest); `id=NAME` sets the serial the guest reads
+    /// (/sys/block/vda/serial; default: the file name). The image is locked, so two VMs
+    /// cannot write the same image.
+    #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
+    disk: Vec<String>,
+
+    /// Add a virtio-net card (repeatable). `tap=NAME` uses an existing TAP (create one
+    /// with `ip tuntap add NAME mode tap user $USER`). `bridge=BR` creates a TAP,
+    /// attaches it to host bridge BR and removes it on exit (needs CAP_NET_ADMIN; see
+    /// scripts/net-bridge-up.sh). `mac=` sets the guest's MAC (default: 52:54:00:...
+    /// derived from --name and the card's index).
+    #[arg(long, value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
+    net: Vec<String>,
 }
 
 fn init_logging() {
@@ -184,6 +206,17 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         max_vcpus: kvm.get_max_vcpus() as u64,
         ram_mib: config::host_ram_mib().unwrap_or(u64::MAX),
     };
+    let disks = args
+        .disk
+        .iter()
+        .map(|d| config::parse_disk(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let nets = args
+        .net
+        .iter()
+        .map(|n| config::parse_net(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    config::check_devices(disks.len(), nets.len())?;
     let cpus = config::check_cpus(args.cpus, &limits)?;
     let memory_mib = config::check_memory(args.memory, &limits)?;
 
@@ -201,6 +234,8 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         cmdline: args.cmdline.clone(),
         cpus,
         memory_mib,
+        disks,
+        nets,
     };
     let mut console = Console::open(&args.console)?;
     let output = console

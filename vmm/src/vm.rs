@@ -10,6 +10,7 @@ use devices::legacy::{
     AcpiSleep, BootTimer, DebugExit, SerialDevice, BOOT_COMPLETE_PORT, DEBUG_EXIT_PORT, I8042,
     I8042_COMMAND_PORT, I8042_DATA_PORT,
 };
+use devices::virtio::mmio::MmioTransport;
 use devices::{Bus, BusError, StopCallback};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -26,6 +27,7 @@ use crate::arch::regs::EntryPoint;
 use crate::cmdline;
 use crate::config::VmConfig;
 use crate::console::Input;
+use crate::device_manager::{self, DeviceManagerError};
 use crate::event_loop::EventLoop;
 use crate::loader;
 use crate::memory::{self, GuestMemory};
@@ -78,6 +80,9 @@ pub enum VmError {
     /// Event loop.
     #[error(transparent)]
     EventLoop(#[from] crate::event_loop::EventLoopError),
+    /// Virtio devices and their backends.
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
 }
 
 /// How to build the VM beyond its machine configuration.
@@ -99,6 +104,7 @@ pub struct Vm {
     _mem: GuestMemory,
     serial: Arc<Mutex<SerialDevice>>,
     serial_drained: EventFd,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
     latch: Arc<ExitLatch>,
     boot_time: Arc<OnceLock<Duration>>,
     entry: EntryPoint,
@@ -136,7 +142,14 @@ impl Vm {
             Some(path) => Some(loader::load_initrd(&mem, mem_size, &kernel, path)?),
             None => None,
         };
-        let cmdline = cmdline::compose(&config.cmdline, opts.emulated_kernel_mode)?;
+        let mut mmio_bus = Bus::new();
+        let virtio = device_manager::attach(&vm_fd, &mem, &mut mmio_bus, config)?;
+        let announce = if cmdline::acpi_off(&config.cmdline) {
+            device_manager::cmdline_entries(&virtio.slots)
+        } else {
+            String::new()
+        };
+        let cmdline = cmdline::compose(&config.cmdline, opts.emulated_kernel_mode, &announce)?;
         linux_loader::loader::load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
             .map_err(VmError::CmdlineWrite)?;
         let cmdline_len = cmdline
@@ -146,7 +159,8 @@ impl Vm {
         log::debug!("kernel cmdline: {:?}", cmdline.as_cstring());
 
         mptable::setup(&mem, config.cpus)?;
-        let rsdp = acpi::setup(&mem, config.cpus)?;
+        let acpi_virtio: Vec<(u64, u32)> = virtio.slots.iter().map(|s| (s.base, s.gsi)).collect();
+        let rsdp = acpi::setup(&mem, config.cpus, &acpi_virtio)?;
         let info = BootInfo {
             mem_size,
             cmdline_len,
@@ -194,7 +208,7 @@ impl Vm {
             1,
         )?;
         let io_bus = Arc::new(io_bus);
-        let mmio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(mmio_bus);
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -219,6 +233,7 @@ impl Vm {
             _mem: mem,
             serial,
             serial_drained,
+            virtio: virtio.transports,
             latch,
             boot_time,
             entry: kernel.entry,
@@ -245,6 +260,7 @@ impl Vm {
             self.serial_drained.try_clone()?,
             signals,
             input,
+            std::mem::take(&mut self.virtio),
         )?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(self.vcpus.len());

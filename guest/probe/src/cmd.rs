@@ -4,9 +4,10 @@
 //! order. Empty items are skipped. Without any `probe.cmd=` word the list
 //! is `hello`; with several, the last one wins (as for Linux parameters).
 
+use crate::blk::{self, Bad};
 use crate::bootinfo::BootInfo;
 use crate::serial::Escaped;
-use crate::{io, status};
+use crate::{io, net, status, virtio};
 
 const PARAM: &[u8] = b"probe.cmd=";
 const DEFAULT_LIST: &[u8] = b"hello";
@@ -40,6 +41,9 @@ pub fn run_list(list: &[u8], boot: &BootInfo) {
 }
 
 fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
+    if run_device(item, name, arg) {
+        return;
+    }
     match (name, arg) {
         (b"hello", None) => println!("probe: hello"),
         (b"exit", Some(arg)) => match parse_u8(arg) {
@@ -91,6 +95,65 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
     }
 }
 
+/// Runs a virtio command (`virtio`, `blk-*`, `net-*`); false if `name`
+/// is none of them.
+fn run_device(item: &[u8], name: &[u8], arg: Option<&[u8]>) -> bool {
+    // `name` matched an ASCII literal below whenever it is used.
+    let cmd = core::str::from_utf8(name).unwrap_or("?");
+    match (name, arg) {
+        (b"virtio", None) => virtio::list(),
+        (b"blk-info", None) => blk::info(cmd),
+        (b"blk-flush", None) => blk::flush(cmd),
+        (b"blk-write" | b"blk-verify", Some(a)) => {
+            match parse_args(a, [u64::MAX, blk::MAX_SECTORS, u64::from(u32::MAX)]) {
+                Some([sector, count, seed]) if count > 0 && sector.checked_add(count).is_some() => {
+                    let verify = name == b"blk-verify";
+                    blk::write_or_verify(cmd, verify, sector, count, seed as u32)
+                }
+                _ => usage_error(item, "use SECTOR:COUNT:SEED with COUNT 1..4096"),
+            }
+        }
+        (b"blk-bad", Some(kind)) => {
+            let kind = match kind {
+                b"loop" => Bad::Loop,
+                b"oob" => Bad::Oob,
+                b"zero" => Bad::Zero,
+                b"qsize" => Bad::Qsize,
+                _ => usage_error(item, "use blk-bad:loop, oob, zero or qsize"),
+            };
+            blk::bad(cmd, kind)
+        }
+        (b"blk-dev", Some(a)) => match parse_u8(a) {
+            Some(n) => blk::select(n),
+            None => usage_error(item, "device index must be 0..255"),
+        },
+        (b"net-info", None) => net::info(cmd),
+        (b"net-echo" | b"net-recv", Some(a)) => match parse_num(a, u32::MAX) {
+            Some(n) if name == b"net-echo" => net::echo(cmd, n),
+            Some(n) => net::recv(cmd, n),
+            None => usage_error(item, "frame count must be 0..4294967295"),
+        },
+        (b"net-send", Some(a)) => {
+            match parse_args(a, [u64::from(u32::MAX), net::MAX_FRAME as u64]) {
+                Some([n, len]) if len >= net::MIN_FRAME as u64 => {
+                    net::send(cmd, n as u32, len as usize)
+                }
+                _ => usage_error(item, "use net-send:N:LEN with LEN 60..1514"),
+            }
+        }
+        (b"virtio" | b"blk-info" | b"blk-flush" | b"net-info", Some(_)) => {
+            usage_error(item, "takes no argument")
+        }
+        (b"blk-write" | b"blk-verify", None) => usage_error(item, "needs SECTOR:COUNT:SEED"),
+        (b"blk-bad", None) => usage_error(item, "needs a kind: loop, oob, zero or qsize"),
+        (b"blk-dev", None) => usage_error(item, "needs an argument: blk-dev:N"),
+        (b"net-echo" | b"net-recv", None) => usage_error(item, "needs a frame count"),
+        (b"net-send", None) => usage_error(item, "needs N:LEN"),
+        _ => return false,
+    }
+    true
+}
+
 /// Reads exactly `n` bytes from COM1 and prints their 32-bit FNV-1a hash.
 fn readin(n: u32) {
     let mut hash = FNV_OFFSET_BASIS;
@@ -124,6 +187,21 @@ fn parse_u8(s: &[u8]) -> Option<u8> {
 
 /// Parses a decimal (or `0x` hex) number 0..=`max`.
 fn parse_num(s: &[u8], max: u32) -> Option<u32> {
+    parse_u64(s, u64::from(max)).and_then(|v| u32::try_from(v).ok())
+}
+
+/// Parses exactly `K` numbers separated by `:`, number `i` 0..=`max[i]`.
+fn parse_args<const K: usize>(s: &[u8], max: [u64; K]) -> Option<[u64; K]> {
+    let mut parts = s.split(|&b| b == b':');
+    let mut out = [0; K];
+    for (v, m) in out.iter_mut().zip(max) {
+        *v = parse_u64(parts.next()?, m)?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// Parses a decimal (or `0x` hex) number 0..=`max`.
+fn parse_u64(s: &[u8], max: u64) -> Option<u64> {
     let (digits, radix) = match s.strip_prefix(b"0x") {
         Some(hex) => (hex, 16),
         None => (s, 10),
@@ -131,10 +209,10 @@ fn parse_num(s: &[u8], max: u32) -> Option<u32> {
     if digits.is_empty() {
         return None;
     }
-    let mut v: u32 = 0;
+    let mut v: u64 = 0;
     for &b in digits {
         let d = (b as char).to_digit(radix)?;
-        v = v.checked_mul(radix)?.checked_add(d)?;
+        v = v.checked_mul(u64::from(radix))?.checked_add(u64::from(d))?;
         if v > max {
             return None;
         }

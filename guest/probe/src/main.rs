@@ -2,8 +2,8 @@
 //!
 //! Boots through PVH (ELF note) or the Linux 64-bit protocol (`e_entry`),
 //! does a minimal CPL0 setup from prebuilt tables (entry.rs), then runs
-//! everything in CPL3 with IOPL=3, talking to devices by port I/O and
-//! polling. See `status` for the exit-status contract.
+//! everything in CPL3 with IOPL=3, talking to devices by port I/O, MMIO
+//! (virtio) and polling. See `status` for the exit-status contract.
 
 #![no_std]
 #![no_main]
@@ -11,12 +11,15 @@
 #[macro_use]
 mod serial;
 
+mod blk;
 mod bootinfo;
 mod cmd;
 mod cpu;
 mod entry;
 mod io;
 mod mem;
+mod net;
+mod virtio;
 
 /// Exit statuses written to the VMM's exit port ([`io::EXIT_PORT`]).
 pub mod status {
@@ -28,6 +31,15 @@ pub mod status {
     pub const PANIC: u8 = 3;
     /// Boot information unusable (bad magic, pointer outside 0..4 GiB, ...).
     pub const BAD_BOOT_INFO: u8 = 4;
+    /// A `blk-*` / `net-*` command found no such virtio device.
+    pub const NO_DEVICE: u8 = 5;
+    /// A virtio device did not answer within the poll bound.
+    pub const TIMEOUT: u8 = 6;
+    /// A virtio device misbehaved: init failed, DEVICE_NEEDS_RESET
+    /// outside `blk-bad`, or a bad used-ring entry.
+    pub const DEVICE_ERROR: u8 = 7;
+    /// A data check failed (`blk-verify` mismatch, `net-recv` gap).
+    pub const CHECK_FAILED: u8 = 8;
     /// CPU exception: status is `EXCEPTION_BASE + vector` (vector 0..31,
     /// so 0xe0..=0xff; e.g. page fault = 0xee = 238).
     pub const EXCEPTION_BASE: u8 = 0xe0;

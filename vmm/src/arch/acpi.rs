@@ -134,11 +134,40 @@ fn aml_com1() -> Vec<u8> {
     aml_package(&[0x10], &scope)
 }
 
-/// DSDT: `Name (_S5, Package () { S5_SLEEP_TYPE, 0 })` and the COM1 device.
-fn dsdt() -> Vec<u8> {
+/// One virtio-mmio device: `_HID "LNRO0005"` (what Linux's virtio_mmio driver matches),
+/// a 4 KiB `Memory32Fixed` window and an edge-triggered, active-high GSI.
+fn aml_virtio(index: usize, base: u64, gsi: u32) -> Vec<u8> {
+    let mut resources = vec![0x86, 0x09, 0x00, 0x01]; // Memory32Fixed (ReadWrite, ...)
+    resources.extend_from_slice(&(base as u32).to_le_bytes());
+    resources.extend_from_slice(&0x1000u32.to_le_bytes());
+    // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }
+    resources.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]);
+    resources.extend_from_slice(&gsi.to_le_bytes());
+    resources.extend_from_slice(&[0x79, 0x00]);
+    let mut buffer = vec![0x0a, resources.len() as u8];
+    buffer.extend_from_slice(&resources);
+    let mut body = format!("VR{index:02X}").into_bytes();
+    let mut hid = vec![0x0d];
+    hid.extend_from_slice(b"LNRO0005\0");
+    body.extend(aml_name(b"_HID", &hid));
+    body.extend(aml_name(b"_UID", &[0x0a, index as u8]));
+    body.extend(aml_name(b"_CRS", &aml_package(&[0x11], &buffer)));
+    aml_package(&[0x5b, 0x82], &body)
+}
+
+/// DSDT: `Name (_S5, Package () { S5_SLEEP_TYPE, 0 })`, the COM1 device and the
+/// virtio-mmio devices (`(base, gsi)` each).
+fn dsdt(virtio: &[(u64, u32)]) -> Vec<u8> {
     let s5 = aml_package(&[0x12], &[0x02, 0x0a, S5_SLEEP_TYPE, 0x0a, 0x00]);
     let mut aml = aml_name(b"_S5_", &s5);
     aml.extend(aml_com1());
+    if !virtio.is_empty() {
+        let mut scope = b"\\_SB_".to_vec();
+        for (i, &(base, gsi)) in virtio.iter().enumerate() {
+            scope.extend(aml_virtio(i, base, gsi));
+        }
+        aml.extend(aml_package(&[0x10], &scope));
+    }
     sdt(b"DSDT", 2, &aml)
 }
 
@@ -193,9 +222,10 @@ fn align8(v: u64) -> u64 {
     (v + 7) & !7
 }
 
-/// Serialises every table for `cpus` vCPUs, laid out from `RSDP_START`.
-pub fn build(cpus: u8) -> Vec<(u64, Vec<u8>)> {
-    let dsdt = dsdt();
+/// Serialises every table for `cpus` vCPUs and the virtio-mmio devices `virtio`
+/// (`(base, gsi)` each), laid out from `RSDP_START`.
+pub fn build(cpus: u8, virtio: &[(u64, u32)]) -> Vec<(u64, Vec<u8>)> {
+    let dsdt = dsdt(virtio);
     let madt = madt(cpus);
     let dsdt_addr = RSDP_START + 64;
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
@@ -216,8 +246,12 @@ pub fn build(cpus: u8) -> Vec<(u64, Vec<u8>)> {
 }
 
 /// Writes the tables into guest memory; returns the RSDP address.
-pub fn setup<M: GuestMemoryBackend>(mem: &M, cpus: u8) -> Result<u64, AcpiError> {
-    for (addr, bytes) in build(cpus) {
+pub fn setup<M: GuestMemoryBackend>(
+    mem: &M,
+    cpus: u8,
+    virtio: &[(u64, u32)],
+) -> Result<u64, AcpiError> {
+    for (addr, bytes) in build(cpus, virtio) {
         mem.write_slice(&bytes, GuestAddress(addr))?;
     }
     Ok(RSDP_START)
@@ -237,7 +271,7 @@ mod tests {
 
     #[test]
     fn tables_are_consistent() {
-        let tables = build(4);
+        let tables = build(4, &[(0xd000_0000, 5)]);
         let (rsdp_addr, rsdp) = &tables[0];
         assert_eq!(*rsdp_addr, RSDP_START);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -294,7 +328,7 @@ mod tests {
 
     #[test]
     fn dsdt_declares_s5_and_com1() {
-        let d = dsdt();
+        let d = dsdt(&[]);
         let aml = &d[HEADER_LEN..];
         assert_eq!(&aml[1..5], b"_S5_");
         assert_eq!(aml[9], S5_SLEEP_TYPE);
@@ -313,6 +347,22 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_declares_virtio_devices() {
+        let d = dsdt(&[(0xd000_1000, 6), (0xd000_2000, 7)]);
+        let find = |needle: &[u8]| d.windows(needle.len()).filter(|w| *w == needle).count();
+        assert_eq!(find(b"LNRO0005\0"), 2);
+        assert_eq!(find(b"VR00"), 1);
+        assert_eq!(find(b"VR01"), 1);
+        // Memory32Fixed at 0xd0001000, length 0x1000; extended interrupt GSI 7.
+        assert_eq!(
+            find(&[0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x10, 0, 0]),
+            1
+        );
+        assert_eq!(find(&[0x89, 0x06, 0x00, 0x03, 0x01, 7, 0, 0, 0]), 1);
+        assert_eq!(d.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
+    }
+
+    #[test]
     fn pkg_length_encodings() {
         assert_eq!(pkg_length(0), vec![1]);
         assert_eq!(pkg_length(0x3e), vec![0x3f]);
@@ -325,7 +375,10 @@ mod tests {
 
     #[test]
     fn tables_fit_for_max_cpus() {
-        let tables = build(super::super::mptable::MAX_CPUS);
+        let virtio: Vec<(u64, u32)> = (0..16)
+            .map(|i| (0xd000_0000 + i * 0x1000, 5 + i as u32))
+            .collect();
+        let tables = build(super::super::mptable::MAX_CPUS, &virtio);
         let end = tables
             .iter()
             .map(|(a, t)| a + t.len() as u64)

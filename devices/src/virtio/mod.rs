@@ -1,0 +1,194 @@
+//! Virtio devices over the MMIO transport (virtio 1.x, MMIO version 2).
+//!
+//! [`mmio::MmioTransport`] owns the register file, the virtqueues and the interrupt; a
+//! [`VirtioDevice`] (block, net) only implements the device-specific part and gets the
+//! queues lent to it for each event. Queue processing runs on the VMM's event-loop
+//! thread: guest notifications arrive through per-queue eventfds (KVM ioeventfds) and
+//! interrupts leave through an irqfd.
+//!
+//! Everything the guest controls (register values, ring addresses, descriptor chains) is
+//! validated. A chain that breaks the virtqueue rules puts the device into
+//! `DEVICE_NEEDS_RESET` ([`DeviceError::Protocol`]); a well-formed request the device
+//! cannot satisfy gets an error status in the guest's world.
+
+pub mod block;
+pub mod chain;
+pub mod mmio;
+pub mod net;
+
+use std::os::fd::RawFd;
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vm_memory::bitmap::AtomicBitmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as devices see it: every device write marks pages dirty.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// Virtio device type: network card.
+pub const TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+/// Virtio device type: block device.
+pub const TYPE_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+/// Feature bit: virtio 1.x ("modern") device.
+pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit: used/avail event indices for notification suppression.
+pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+/// Largest queue size any wisp device offers.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+
+/// A device's virtqueues stopped making sense: the driver broke the rules.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// A malformed descriptor chain or ring: the device needs a reset.
+    #[error("driver error: {0}")]
+    Protocol(String),
+    /// The ring memory itself became unreachable.
+    #[error("virtqueue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+}
+
+/// The interrupt line of one device: the ISR bits and the irqfd that raises the GSI.
+pub struct Interrupt {
+    status: u32,
+    irqfd: EventFd,
+}
+
+/// ISR bit: a used ring was updated.
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// ISR bit: the configuration changed (also used for DEVICE_NEEDS_RESET).
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+impl Interrupt {
+    /// An interrupt raised through `irqfd` (registered with KVM by the VMM).
+    pub fn new(irqfd: EventFd) -> Self {
+        Self { status: 0, irqfd }
+    }
+
+    /// Sets `bits` in the ISR and raises the interrupt.
+    pub fn trigger(&mut self, bits: u32) {
+        self.status |= bits;
+        if let Err(e) = self.irqfd.write(1) {
+            log::error!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// The ISR as the guest reads it.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// The guest acknowledges `bits`.
+    pub fn ack(&mut self, bits: u32) {
+        self.status &= !bits;
+    }
+}
+
+/// What a device gets for one event: guest memory, its queues and its interrupt.
+pub struct QueueContext<'a> {
+    /// Guest memory.
+    pub mem: &'a GuestMemory,
+    /// The device's queues, in virtio order.
+    pub queues: &'a mut [Queue],
+    /// The device's interrupt.
+    pub irq: &'a mut Interrupt,
+}
+
+impl QueueContext<'_> {
+    /// The same context for a shorter borrow (to pass it on and keep using it).
+    pub fn reborrow(&mut self) -> QueueContext<'_> {
+        QueueContext {
+            mem: self.mem,
+            queues: &mut *self.queues,
+            irq: &mut *self.irq,
+        }
+    }
+
+    /// Raises a used-buffer interrupt for queue `index` if the driver wants one.
+    pub fn notify(&mut self, index: usize) -> Result<(), DeviceError> {
+        use virtio_queue::QueueT;
+        if self.queues[index].needs_notification(self.mem)? {
+            self.irq.trigger(INT_VRING);
+        }
+        Ok(())
+    }
+}
+
+/// The device-specific half of a virtio device.
+pub trait VirtioDevice: Send {
+    /// Virtio device type ([`TYPE_NET`], [`TYPE_BLOCK`]).
+    fn device_type(&self) -> u32;
+    /// A short name for logs, e.g. `virtio-blk vda`.
+    fn name(&self) -> &str;
+    /// The maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers.
+    fn features(&self) -> u64;
+    /// The driver accepted `features` (a subset of [`VirtioDevice::features`]); called
+    /// when it sets FEATURES_OK.
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device configuration space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space (most devices ignore writes).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start using the queues and the backend.
+    fn activate(&mut self, ctx: QueueContext) -> Result<(), DeviceError>;
+    /// The driver reset the device: forget any in-flight state tied to the queues.
+    fn reset(&mut self);
+    /// The host file descriptor of the backend to watch (a TAP), if any.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The driver notified queue `index`.
+    fn queue_event(&mut self, ctx: QueueContext, index: usize) -> Result<(), DeviceError>;
+    /// The backend fd became readable or writable (`events` is an epoll mask).
+    fn backend_event(&mut self, _ctx: QueueContext, _events: u32) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+/// Logs a device's complaints about guest behaviour: the first few at warn level, the
+/// rest at debug, so a hostile guest cannot flood the host's log.
+#[derive(Default)]
+pub struct LogLimiter {
+    count: u32,
+}
+
+impl LogLimiter {
+    /// Warnings before the limiter drops to debug level.
+    pub const LIMIT: u32 = 8;
+
+    /// Logs `msg` for device `name`.
+    pub fn warn(&mut self, name: &str, msg: &str) {
+        self.count = self.count.saturating_add(1);
+        if self.count <= Self::LIMIT {
+            log::warn!("{name}: {msg}");
+        } else {
+            log::debug!("{name}: {msg}");
+        }
+    }
+}
+
+/// Copies `src` into `data` starting at `offset`, as a config-space read of `data.len()`
+/// bytes; bytes beyond `src` read as zero.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+        *b = at.and_then(|at| src.get(at)).copied().unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let src = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&src, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        read_config_bytes(&src, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}
