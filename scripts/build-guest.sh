@@ -2,6 +2,8 @@
 # Build wisp's default Linux guest from Debian packages:
 #   target/guest/vmlinux            tiny, patched 6.1 kernel (ELF, PVH note)
 #   target/guest/initramfs.cpio.gz  busybox-static + our nolibc /init
+#   target/guest/rootfs.ext4        the same files as an ext4 disk image (init at
+#                                   /sbin/init): wisp run --disk ... --cmdline root=/dev/vda
 # Cached: does nothing when the outputs were built from the same inputs.
 # WISP_GUEST_INT3_PATCH=1 also applies guest/kernel/optional/int3-selftest.patch
 # (separate build directory; part of the cache key).
@@ -205,10 +207,22 @@ sys.stdout.buffer.write(gzip.compress(sys.stdin.buffer.read(), compresslevel=0, 
     mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
     echo "$INITRD_KEY" >"$BUILD/initramfs.key"
     step "initramfs: $OUT/initramfs.cpio.gz ($(stat -c %s "$OUT/initramfs.cpio.gz") bytes)"
+
+    # The same tree as a disk: no journal (a small scratch root; mounting and
+    # replaying a journal is emulated kernel work here), 64 MiB sparse.
+    step "rootfs: packing $OUT/rootfs.ext4"
+    mkdir -p "$stage/sbin"
+    cp "$stage/init" "$stage/sbin/init"
+    rm -f "$OUT/rootfs.ext4.tmp"
+    run_logged "$BUILD/rootfs.log" mke2fs -q -t ext4 -O ^has_journal -L wisp-root \
+        -E root_owner=0:0 -d "$stage" -F "$OUT/rootfs.ext4.tmp" 64M
+    mv "$OUT/rootfs.ext4.tmp" "$OUT/rootfs.ext4"
+    echo "$INITRD_KEY" >"$BUILD/rootfs.key"
 }
 
-if is_current "$OUT/initramfs.cpio.gz" "$BUILD/initramfs.key" "$INITRD_KEY"; then
-    step "initramfs: up to date"
+if is_current "$OUT/initramfs.cpio.gz" "$BUILD/initramfs.key" "$INITRD_KEY" &&
+    is_current "$OUT/rootfs.ext4" "$BUILD/rootfs.key" "$INITRD_KEY"; then
+    step "initramfs, rootfs: up to date"
 else
     build_initramfs
 fi

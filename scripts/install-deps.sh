@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install (idempotently) the Debian packages needed to build wisp's default
-# guest: kernel source, toolchain for the kernel and our init, busybox, cpio.
+# guest and to run the tests: kernel source, toolchain for the kernel and our init,
+# busybox, cpio, mke2fs, iproute2.
 # Runs `apt-get update` only when something is missing. Quiet on success.
 set -euo pipefail
 
@@ -15,6 +16,8 @@ PKGS=(
     cpio gzip xz-utils # unpack source, pack initramfs
     patch              # apply guest/kernel/patches
     binutils           # strip/objcopy
+    e2fsprogs          # mke2fs -d: target/guest/rootfs.ext4
+    iproute2           # ip: network namespaces, TAPs and bridges in tests
 )
 
 missing=()

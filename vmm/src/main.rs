@@ -76,7 +76,8 @@ EXAMPLES:
 struct RunArgs {
     /// Kernel to boot: an x86_64 ELF vmlinux (PVH entry if it has the PVH note, else the
     /// 64-bit entry) or a bzImage. Default: the default guest's kernel
-    /// (target/guest/vmlinux, built by scripts/build-guest.sh), with its initramfs.
+    /// (target/guest/vmlinux, built by scripts/build-guest.sh), with its initramfs
+    /// unless --cmdline has root= (then the root file system comes from a --disk).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
 
@@ -170,10 +171,11 @@ fn resolve_kernel(args: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
             kernel.display()
         );
     }
-    let initrd = args
-        .initrd
-        .clone()
-        .or_else(|| Some(dir.join("initramfs.cpio.gz")).filter(|p| p.is_file()));
+    // With root= the user boots from a disk: the default initramfs would take over.
+    let wants_root = args.cmdline.split_whitespace().any(|w| w.starts_with("root="));
+    let initrd = args.initrd.clone().or_else(|| {
+        Some(dir.join("initramfs.cpio.gz")).filter(|p| !wants_root && p.is_file())
+    });
     Ok((kernel, initrd))
 }
 
