@@ -172,10 +172,14 @@ fn resolve_kernel(args: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
         );
     }
     // With root= the user boots from a disk: the default initramfs would take over.
-    let wants_root = args.cmdline.split_whitespace().any(|w| w.starts_with("root="));
-    let initrd = args.initrd.clone().or_else(|| {
-        Some(dir.join("initramfs.cpio.gz")).filter(|p| !wants_root && p.is_file())
-    });
+    let wants_root = args
+        .cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("root="));
+    let initrd = args
+        .initrd
+        .clone()
+        .or_else(|| Some(dir.join("initramfs.cpio.gz")).filter(|p| !wants_root && p.is_file()));
     Ok((kernel, initrd))
 }
 

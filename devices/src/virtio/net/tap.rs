@@ -9,7 +9,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 
 use thiserror::Error;
 
@@ -59,6 +58,9 @@ pub enum TapError {
     /// Bridge mode without CAP_NET_ADMIN.
     #[error("--net bridge={0} creates a TAP and needs CAP_NET_ADMIN: run wisp as root, or use --net tap=NAME with a TAP created for your user")]
     NeedNetAdmin(String),
+    /// Bridge mode with an interface that is not a bridge.
+    #[error("{0} is not a bridge; create one with `sudo scripts/net-bridge-up.sh BRIDGE`")]
+    NotBridge(String),
     /// Bridge mode with a bridge that does not exist.
     #[error("bridge {0} does not exist; create it with `sudo scripts/net-bridge-up.sh {0}`")]
     NoSuchBridge(String),
@@ -137,10 +139,12 @@ fn int_ioctl(fd: RawFd, req: libc::c_ulong, v: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// The flags of an existing tun/tap interface, from sysfs.
-fn tun_flags(name: &str) -> Option<u32> {
-    let s = std::fs::read_to_string(format!("/sys/class/net/{name}/tun_flags")).ok()?;
-    u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+/// The index of interface `name` in this network namespace.
+fn ifindex(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// An open TAP queue (non-blocking).
@@ -177,18 +181,17 @@ impl Tap {
     /// Opens the existing TAP `name`.
     pub fn open(name: &str) -> Result<Self, TapError> {
         let mut ifr = IfReq::new(name)?;
-        if !Path::new("/sys/class/net").join(name).exists() {
+        // Ask the kernel, not sysfs: sysfs shows the namespace it was mounted in, which
+        // need not be ours.
+        if ifindex(name).is_none() {
             return Err(TapError::NoSuchTap(name.to_string()));
-        }
-        match tun_flags(name) {
-            Some(f) if f & (IFF_TAP as u32) != 0 => {}
-            _ => return Err(TapError::NotTap(name.to_string())),
         }
         let file = Self::open_tun()?;
         ifr.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
         ifreq_ioctl(file.as_raw_fd(), TUNSETIFF, &mut ifr).map_err(|e| match e.raw_os_error() {
             Some(libc::EPERM) => TapError::TapPermission(name.to_string()),
             Some(libc::EBUSY) => TapError::TapBusy(name.to_string()),
+            Some(libc::EINVAL) => TapError::NotTap(name.to_string()),
             _ => TapError::Ioctl {
                 what: "TUNSETIFF",
                 name: name.to_string(),
@@ -202,11 +205,7 @@ impl Tap {
     /// attaches it to `bridge`. It disappears when wisp closes it.
     pub fn create_on_bridge(template: &str, bridge: &str) -> Result<Self, TapError> {
         IfReq::new(bridge)?;
-        if !Path::new("/sys/class/net")
-            .join(bridge)
-            .join("bridge")
-            .exists()
-        {
+        if ifindex(bridge).is_none() {
             return Err(TapError::NoSuchBridge(bridge.to_string()));
         }
         let mut ifr = IfReq::new(template)?;
