@@ -228,18 +228,18 @@ impl PacketSocket {
     }
 }
 
-/// A test frame: `dst`, `src`, [`ETHERTYPE`], a u32 LE sequence number, then `len`
-/// total bytes of filler `(seq + i) as u8` (the probe's `net-send` format).
+/// A test frame of `len` bytes: `dst`, `src`, [`ETHERTYPE`], a u32 LE sequence
+/// number, then filler: payload byte `i` (counted from the end of the Ethernet header)
+/// is `(seq + i) as u8`. This is the probe's `net-send` format.
 pub fn test_frame(dst: [u8; 6], src: [u8; 6], seq: u32, len: usize) -> Vec<u8> {
     let mut f = Vec::with_capacity(len);
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
     f.extend_from_slice(&ETHERTYPE.to_be_bytes());
     f.extend_from_slice(&seq.to_le_bytes());
-    let mut i = f.len();
     while f.len() < len {
-        f.push((seq as usize + i) as u8);
-        i += 1;
+        let i = f.len() - 14;
+        f.push(seq.wrapping_add(i as u32) as u8);
     }
     f
 }
