@@ -123,7 +123,8 @@ fn read_write_flush_and_get_id() {
 #[test]
 fn bad_requests_get_ioerr() {
     let mut r = rig(16, false);
-    let cases: &[(u32, u64, &[(u64, u32, bool)])] = &[
+    type Case<'a> = (u32, u64, &'a [(u64, u32, bool)]);
+    let cases: &[Case] = &[
         (0, 16, &[(DATA, 512, true)]),               // past the end
         (0, 15, &[(DATA, 1024, true)]),              // runs past the end
         (0, u64::MAX / 256, &[(DATA, 512, true)]),   // sector * 512 overflows
