@@ -29,10 +29,7 @@ pub enum CmdlineError {
 /// True if the user's command line turns ACPI off (the kernel then reads the MP table
 /// and needs its virtio devices on the command line).
 pub fn acpi_off(user: &str) -> bool {
-    user.split_whitespace()
-        .filter(|w| w.starts_with("acpi="))
-        .next_back()
-        == Some("acpi=off")
+    user.split_whitespace().rfind(|w| w.starts_with("acpi=")) == Some("acpi=off")
 }
 
 /// Builds the full command line: wisp's part, `devices` (device announcements), then
