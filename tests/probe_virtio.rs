@@ -282,3 +282,20 @@ fn net_frames_wait_while_the_guest_is_not_receiving() {
     let (status, stderr) = s.wait(WAIT);
     assert_eq!(status, Some(0), "{stderr}");
 }
+
+#[test]
+fn devices_are_announced_on_the_cmdline_only_with_acpi_off() {
+    let dir = TempDir::new("announce");
+    let a = image(&dir, "a.img", 1);
+    let b = image(&dir, "b.img", 1);
+    let out = run_probe("cmdline", &["--disk", &a, "--disk", &b]);
+    assert!(!out.stdout.contains("virtio_mmio.device="), "{out:?}");
+    // (run_probe puts its argument after probe.cmd=, so this adds a second word.)
+    let out = run_probe("cmdline,virtio acpi=off", &["--disk", &a, "--disk", &b]);
+    assert!(
+        out.stdout
+            .contains("virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"),
+        "{out:?}"
+    );
+    assert_lines(&out, &["probe: virtio devices=2"]);
+}

@@ -9,7 +9,8 @@
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::serial::Escaped;
-use crate::virtio::{self, Desc, Device, Dma, InitError, Queue, Ring, WaitError};
+use crate::virtio::{self, Device, InitError};
+use crate::virtqueue::{self, Desc, Dma, Queue, Ring, WaitError};
 use crate::{io, status};
 
 /// VIRTIO_BLK_F_RO: the disk is read-only.
@@ -116,13 +117,13 @@ impl Blk {
         let hdr = Desc {
             addr: req,
             len: 16,
-            flags: virtio::DESC_NEXT,
+            flags: virtqueue::DESC_NEXT,
             next: 1,
         };
         self.q.set_desc(0, hdr);
         let mut i = 1;
         if let Some(d) = data {
-            let flags = virtio::DESC_NEXT | if d.write { virtio::DESC_WRITE } else { 0 };
+            let flags = virtqueue::DESC_NEXT | if d.write { virtqueue::DESC_WRITE } else { 0 };
             self.q.set_desc(
                 1,
                 Desc {
@@ -135,8 +136,8 @@ impl Blk {
             i = 2;
         }
         let (flags, next) = match last_next {
-            Some(n) => (virtio::DESC_WRITE | virtio::DESC_NEXT, n),
-            None => (virtio::DESC_WRITE, 0),
+            Some(n) => (virtqueue::DESC_WRITE | virtqueue::DESC_NEXT, n),
+            None => (virtqueue::DESC_WRITE, 0),
         };
         let status = req + core::mem::offset_of!(Req, status) as u64;
         self.q.set_desc(
@@ -158,7 +159,7 @@ impl Blk {
 
     /// Waits for the request and returns its status byte.
     fn complete(&mut self) -> Result<u8, WaitError> {
-        let u = self.q.wait_used(&self.dev, virtio::POLLS)?;
+        let u = self.q.wait_used(&self.dev, virtqueue::POLLS)?;
         if u.id != 0 {
             return Err(WaitError::BadUsed(u32::from(u.id)));
         }
@@ -204,7 +205,7 @@ pub fn info(cmd: &str) {
                 write: true,
             }),
         )
-        .unwrap_or_else(|e| virtio::fail(cmd, e));
+        .unwrap_or_else(|e| virtqueue::fail(cmd, e));
     // SAFETY: the device has returned the request.
     let raw = unsafe { (*REQ.ptr()).id };
     let id = if st == 0 {
@@ -233,7 +234,7 @@ pub fn write_or_verify(cmd: &str, verify: bool, sector: u64, count: u64, seed: u
             }
             b.request(T_OUT, first, Some(data))
         }
-        .unwrap_or_else(|e| virtio::fail(cmd, e));
+        .unwrap_or_else(|e| virtqueue::fail(cmd, e));
         if st != 0 {
             if verify {
                 println!("probe: blk-verify status={st}");
@@ -267,7 +268,7 @@ pub fn flush(cmd: &str) {
     let mut b = Blk::open(cmd);
     let st = b
         .request(T_FLUSH, 0, None)
-        .unwrap_or_else(|e| virtio::fail(cmd, e));
+        .unwrap_or_else(|e| virtqueue::fail(cmd, e));
     println!("probe: blk-flush status={st}");
 }
 
@@ -293,7 +294,7 @@ pub fn bad(cmd: &str, kind: Bad) {
             // Header -> data -> status -> back to the header.
             b.prepare(T_IN, 0, Some(Data::buf(SECTOR, true)), Some(0));
             b.submit();
-            let needs_reset = match b.q.wait_used(&dev, virtio::POLLS) {
+            let needs_reset = match b.q.wait_used(&dev, virtqueue::POLLS) {
                 Err(WaitError::NeedsReset) => true,
                 _ => dev.needs_reset(),
             };
@@ -334,7 +335,7 @@ pub fn bad(cmd: &str, kind: Bad) {
             dev.write(virtio::REG_QUEUE_SEL, 0);
             let max = dev.read(virtio::REG_QUEUE_NUM_MAX);
             dev.write(virtio::REG_QUEUE_NUM, max.checked_mul(2).unwrap_or(3));
-            dev.set_queue_addrs(&RING);
+            dev.set_queue_addrs(Ring::addrs(&RING));
             dev.write(virtio::REG_QUEUE_READY, 1);
             let ready = dev.read(virtio::REG_QUEUE_READY);
             let needs_reset = (0..1000).any(|_| dev.needs_reset());

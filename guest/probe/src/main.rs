@@ -20,6 +20,7 @@ mod io;
 mod mem;
 mod net;
 mod virtio;
+mod virtqueue;
 
 /// Exit statuses written to the VMM's exit port ([`io::EXIT_PORT`]).
 pub mod status {

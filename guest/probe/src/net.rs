@@ -6,7 +6,8 @@
 //! frame). Pushes are batched: queues are notified just before the probe
 //! would wait for the device, or when a batch is complete.
 
-use crate::virtio::{self, Desc, Device, Dma, Queue, Ring, WaitError, QSIZE};
+use crate::virtio::{self, Device};
+use crate::virtqueue::{self, Desc, Dma, Queue, Ring, WaitError, QSIZE};
 use crate::{io, status};
 
 /// VIRTIO_NET_F_MAC: config space holds the MAC address.
@@ -23,7 +24,7 @@ const ETH_HDR: usize = 14;
 /// Ethertype of `net-send` / `net-recv` frames (local experimental).
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 /// RX waits are longer than device waits: the peer may be slow to start.
-const RX_POLLS: u64 = virtio::POLLS * 4;
+const RX_POLLS: u64 = virtqueue::POLLS * 4;
 
 const RX: u16 = 0;
 const TX: u16 = 1;
@@ -88,7 +89,7 @@ impl<'a> Net<'a> {
             let d = Desc {
                 addr: buf_addr(&RX_BUFS, i),
                 len: BUF_LEN as u32,
-                flags: virtio::DESC_WRITE,
+                flags: virtqueue::DESC_WRITE,
                 next: 0,
             };
             rx.set_desc(i, d);
@@ -114,7 +115,7 @@ impl<'a> Net<'a> {
     }
 
     fn fail(&self, e: WaitError) -> ! {
-        virtio::fail(self.cmd, e)
+        virtqueue::fail(self.cmd, e)
     }
 
     /// Notifies the queues that have unannounced buffers.
@@ -172,7 +173,7 @@ impl<'a> Net<'a> {
         let u = if block {
             self.kick();
             self.tx
-                .wait_used(&self.dev, virtio::POLLS)
+                .wait_used(&self.dev, virtqueue::POLLS)
                 .unwrap_or_else(|e| self.fail(e))
         } else {
             match self.tx.pop_used() {
