@@ -114,25 +114,12 @@ impl Blk {
             (*r).status = NO_ANSWER;
         }
         let req = REQ.addr();
-        let hdr = Desc {
-            addr: req,
-            len: 16,
-            flags: virtqueue::DESC_NEXT,
-            next: 1,
-        };
+        let hdr = Desc::new(req, 16, virtqueue::DESC_NEXT, 1);
         self.q.set_desc(0, hdr);
         let mut i = 1;
         if let Some(d) = data {
             let flags = virtqueue::DESC_NEXT | if d.write { virtqueue::DESC_WRITE } else { 0 };
-            self.q.set_desc(
-                1,
-                Desc {
-                    addr: d.addr,
-                    len: d.len,
-                    flags,
-                    next: 2,
-                },
-            );
+            self.q.set_desc(1, Desc::new(d.addr, d.len, flags, 2));
             i = 2;
         }
         let (flags, next) = match last_next {
@@ -140,15 +127,7 @@ impl Blk {
             None => (virtqueue::DESC_WRITE, 0),
         };
         let status = req + core::mem::offset_of!(Req, status) as u64;
-        self.q.set_desc(
-            i,
-            Desc {
-                addr: status,
-                len: 1,
-                flags,
-                next,
-            },
-        );
+        self.q.set_desc(i, Desc::new(status, 1, flags, next));
     }
 
     /// Publishes the prepared request and notifies the device.

@@ -59,6 +59,17 @@ pub struct Desc {
     pub next: u16,
 }
 
+impl Desc {
+    pub const fn new(addr: u64, len: u32, flags: u16, next: u16) -> Desc {
+        Desc {
+            addr,
+            len,
+            flags,
+            next,
+        }
+    }
+}
+
 #[repr(C)]
 struct Avail {
     flags: u16,
@@ -175,6 +186,9 @@ impl Queue {
         // SAFETY: the device no longer uses the ring (it was reset), and
         // the Ring is plain data for which all-zero bytes are valid.
         unsafe { ptr::write_bytes(ring.ptr(), 0, 1) };
+        // The zeroes before the (volatile) register writes that hand the
+        // ring to the device.
+        fence(Ordering::SeqCst);
         dev.write(virtio::REG_QUEUE_SEL, u32::from(index));
         let max = dev.read(virtio::REG_QUEUE_NUM_MAX).min(QSIZE as u32);
         if max == 0 {
