@@ -86,12 +86,12 @@ impl<'a> Net<'a> {
             *b = dev.config_u8(i);
         }
         for i in 0..rx.size {
-            let d = Desc {
-                addr: buf_addr(&RX_BUFS, i),
-                len: BUF_LEN as u32,
-                flags: virtqueue::DESC_WRITE,
-                next: 0,
-            };
+            let d = Desc::new(
+                buf_addr(&RX_BUFS, i),
+                BUF_LEN as u32,
+                virtqueue::DESC_WRITE,
+                0,
+            );
             rx.set_desc(i, d);
         }
         let mut tx_free = [0; QSIZE];
@@ -207,12 +207,7 @@ impl<'a> Net<'a> {
     fn tx_submit(&mut self, id: u16, len: usize) {
         // SAFETY: `id` came from tx_alloc: the driver owns the buffer.
         unsafe { buf(TX_BUFS.ptr(), id)[..HDR].fill(0) };
-        let d = Desc {
-            addr: buf_addr(&TX_BUFS, id),
-            len: (HDR + len) as u32,
-            flags: 0,
-            next: 0,
-        };
+        let d = Desc::new(buf_addr(&TX_BUFS, id), (HDR + len) as u32, 0, 0);
         self.tx.set_desc(id, d);
         self.tx_busy[usize::from(id)] = true;
         self.tx.push(id);
