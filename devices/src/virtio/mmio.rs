@@ -281,6 +281,12 @@ impl MmioTransport {
             let (dev, ctx) = self.ctx();
             if let Err(e) = dev.activate(ctx) {
                 self.fail(&e);
+                return;
+            }
+            // Buffers may already wait in the rings: let the event loop look at every
+            // queue (this runs on a vCPU thread, which never processes queues itself).
+            for evt in &self.queue_evts {
+                let _ = evt.write(1);
             }
         }
     }

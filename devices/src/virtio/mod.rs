@@ -131,7 +131,9 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (most devices ignore writes).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// The driver set DRIVER_OK: start using the queues and the backend.
+    /// The driver set DRIVER_OK: prepare the backend for the negotiated features. Runs on
+    /// a vCPU thread, so it must not process queues: the transport then signals every
+    /// queue's eventfd and the event loop does that.
     fn activate(&mut self, ctx: QueueContext) -> Result<(), DeviceError>;
     /// The driver reset the device: forget any in-flight state tied to the queues.
     fn reset(&mut self);

@@ -23,7 +23,8 @@ const STRIDE: usize = 1536;
 const ETH_HDR: usize = 14;
 /// Ethertype of `net-send` / `net-recv` frames (local experimental).
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
-/// RX waits are longer than device waits: the peer may be slow to start.
+/// RX waits are longer than device waits (~2 min here): the peer may be
+/// slow to start.
 const RX_POLLS: u64 = virtqueue::POLLS * 4;
 
 const RX: u16 = 0;

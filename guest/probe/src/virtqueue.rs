@@ -22,7 +22,7 @@ const USED_NO_NOTIFY: u16 = 1;
 pub const QSIZE: usize = 64;
 
 /// Used-ring polls before a device operation counts as timed out (each
-/// poll is a memory read plus `pause`: ~25 s on this project's machines).
+/// poll is a memory read plus `pause`: ~30 s on this project's machines).
 pub const POLLS: u64 = 1 << 30;
 /// Polls between two Status reads (an MMIO exit each) while waiting.
 const STATUS_EVERY: u64 = 1 << 16;

@@ -196,9 +196,8 @@ impl VirtioDevice for Block {
         log::debug!("{}: config write at {offset:#x} ignored", self.name);
     }
 
-    fn activate(&mut self, mut ctx: QueueContext) -> Result<(), DeviceError> {
-        // Requests may already be queued if the driver notified before DRIVER_OK.
-        self.queue_event(ctx.reborrow(), 0)
+    fn activate(&mut self, _ctx: QueueContext) -> Result<(), DeviceError> {
+        Ok(())
     }
 
     fn reset(&mut self) {

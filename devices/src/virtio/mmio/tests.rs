@@ -150,6 +150,10 @@ fn valid_queue_becomes_ready_and_notifies_through_the_eventfd() {
     assert_eq!(rd(&mut t, 0x44), 1);
     let st = rd(&mut t, 0x70);
     wr(&mut t, 0x70, st | status::DRIVER_OK);
+    // Activation only kicks every queue's eventfd, for the event loop to look at.
+    assert_eq!(t.queue_evts()[0].read().unwrap(), 1);
+    assert_eq!(t.queue_evts()[1].read().unwrap(), 1);
+    assert_eq!(events.load(Ordering::SeqCst), 0);
     // A notify that reaches the transport (no ioeventfd) only signals the eventfd:
     // processing happens on the event loop, not on the vCPU thread.
     wr(&mut t, QUEUE_NOTIFY, 0);

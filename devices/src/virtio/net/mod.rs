@@ -353,16 +353,17 @@ impl VirtioDevice for Net {
         log::debug!("{}: config write at {offset:#x} ignored", self.name);
     }
 
-    fn activate(&mut self, mut ctx: QueueContext) -> Result<(), DeviceError> {
+    fn activate(&mut self, _ctx: QueueContext) -> Result<(), DeviceError> {
         if let Err(e) = self.tap.set_offload(self.offloads()) {
             return Err(DeviceError::Protocol(format!(
                 "cannot match TAP offloads: {e}"
             )));
         }
+        // Frames may have queued up on the TAP before the driver was ready: the RX queue
+        // event the transport sends next reads them.
         self.tap_readable = true;
         self.tx_blocked = false;
-        self.process_rx(&mut ctx)?;
-        self.process_tx(&mut ctx)
+        Ok(())
     }
 
     fn reset(&mut self) {
