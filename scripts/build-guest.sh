@@ -4,6 +4,9 @@
 #   target/guest/initramfs.cpio.gz  busybox-static + our nolibc /init
 #   target/guest/rootfs.ext4        the same files as an ext4 disk image (init at
 #                                   /sbin/init): wisp run --disk ... --cmdline root=/dev/vda
+#   target/guest/ssh/               keys for the guest's SSH server (dropbear):
+#                                   id_ed25519 (OpenSSH format, for `ssh -i`),
+#                                   id_ed25519.dropbear (for dbclient), host key
 # Cached: does nothing when the outputs were built from the same inputs.
 # WISP_GUEST_INT3_PATCH=1 also applies guest/kernel/optional/int3-selftest.patch
 # (separate build directory; part of the cache key).
@@ -47,6 +50,22 @@ mkdir -p "$OUT" "$BUILD"
 exec 9>"$BUILD/.lock"
 flock 9
 
+# ---------------------------------------------------------------------- ssh
+# Generated once and kept (a rebuild must not change the keys users have):
+# the guest's host key and a client key whose public half root accepts.
+SSH=$OUT/ssh
+mkdir -p "$SSH"
+if [ ! -f "$SSH/host_ed25519" ]; then
+    dropbearkey -t ed25519 -f "$SSH/host_ed25519" >/dev/null 2>&1
+fi
+if [ ! -f "$SSH/id_ed25519.dropbear" ] || [ ! -f "$SSH/id_ed25519" ]; then
+    rm -f "$SSH/id_ed25519.dropbear" "$SSH/id_ed25519"
+    dropbearkey -t ed25519 -f "$SSH/id_ed25519.dropbear" >/dev/null 2>&1
+    dropbearconvert dropbear openssh "$SSH/id_ed25519.dropbear" "$SSH/id_ed25519" >/dev/null 2>&1
+fi
+chmod 600 "$SSH/host_ed25519" "$SSH/id_ed25519.dropbear" "$SSH/id_ed25519"
+dropbearkey -y -f "$SSH/id_ed25519.dropbear" | grep '^ssh-' >"$SSH/id_ed25519.pub"
+
 # ---------------------------------------------------------------- cache keys
 mapfile -t PATCHES < <(find "$PATCH_DIR" -maxdepth 1 -name '*.patch' | LC_ALL=C sort)
 [ "${#PATCHES[@]}" -gt 0 ] || die "no patches in $PATCH_DIR"
@@ -64,7 +83,7 @@ SRC_KEY=$(printf '%s\n%s\n%s\n' "$KSRC_ID" "$INT3" "$(key_of "${PATCHES[@]}")" |
 KERNEL_KEY=$(printf '%s\n%s\n%s\n' "$SRC_KEY" "$CC_ID" "$(key_of "$SCRIPT" "$FRAGMENT")" | key_of -)
 mapfile -t INIT_FILES < <(find "$INIT_DIR" -type f | LC_ALL=C sort)
 INITRD_KEY=$(printf '%s\n%s\n%s\n%s\n' "$KSRC_ID" "$CC_ID" \
-    "$(key_of "$SCRIPT" /bin/busybox "${INIT_FILES[@]}")" \
+    "$(key_of "$SCRIPT" /bin/busybox /usr/sbin/dropbear "$SSH/host_ed25519" "$SSH/id_ed25519.pub" "${INIT_FILES[@]}")" \
     "$(cd "$INIT_DIR" && find . | LC_ALL=C sort | xargs stat -c '%n %a')" | key_of -)
 
 KB="$BUILD/linux-$VARIANT"   # kernel build dir for this variant
@@ -188,6 +207,21 @@ build_initramfs() {
             grep -v -e '^#' -e '^[[:space:]]*$' "$INIT_DIR/applets"
         fi
     )
+
+    # SSH server: dropbear (dropbear-bin) and its shared libraries, the host key and
+    # root's authorized key from $SSH. /etc/init.d/rcS starts it.
+    mkdir -p "$stage/usr/sbin" "$stage/etc/dropbear" "$stage/root/.ssh" "$stage/var"
+    cp /usr/sbin/dropbear "$stage/usr/sbin/dropbear"
+    local lib
+    for lib in $(ldd /usr/sbin/dropbear | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/lib/ {print $1}'); do
+        mkdir -p "$stage$(dirname "$lib")"
+        cp -L "$lib" "$stage$lib"
+    done
+    cp "$SSH/host_ed25519" "$stage/etc/dropbear/dropbear_ed25519_host_key"
+    cp "$SSH/id_ed25519.pub" "$stage/root/.ssh/authorized_keys"
+    chmod 700 "$stage/root/.ssh"
+    chmod 600 "$stage/root/.ssh/authorized_keys" "$stage/etc/dropbear/dropbear_ed25519_host_key"
+    ln -s /run "$stage/var/run"
 
     # The kernel opens /dev/console before running /init.
     mknod -m 600 "$stage/dev/console" c 5 1 ||

@@ -18,6 +18,8 @@ PKGS=(
     binutils           # strip/objcopy
     e2fsprogs          # mke2fs -d: target/guest/rootfs.ext4
     iproute2           # ip: network namespaces, TAPs and bridges in tests
+    passt              # user-mode networking backend (--net user)
+    dropbear-bin       # the guest's SSH server; dbclient for the tests
 )
 
 missing=()

@@ -299,3 +299,73 @@ fn devices_are_announced_on_the_cmdline_only_with_acpi_off() {
     );
     assert_lines(&out, &["probe: virtio devices=2"]);
 }
+
+#[test]
+fn bad_user_net_input_is_a_one_line_error_and_leaves_no_passt() {
+    // Orphans of the wisps below become our children, so a passt that wisp failed to
+    // reap would show up here.
+    // SAFETY: prctl with integer arguments only.
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+        0
+    );
+    let no_passt = || {
+        let left = common::children_named(std::process::id(), "passt");
+        assert!(left.is_empty(), "passt left behind: {left:?}");
+    };
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port();
+    let in_use = format!("user,hostfwd=tcp::{port}-:22");
+    let in_use_msg = format!("127.0.0.1:{port}: already in use");
+    let cases: &[(&str, &str)] = &[
+        (
+            "user,hostfwd=tcp::2222",
+            "expected PROTO:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT",
+        ),
+        ("user,hostfwd=icmp::1-:1", "PROTO must be tcp or udp"),
+        (
+            "user,hostfwd=tcp::2222-10.0.2.99:22",
+            "GUESTADDR must be the guest's address",
+        ),
+        ("user,net=10.0.0.0/40", "prefix must be 8..30"),
+        (&in_use, &in_use_msg),
+    ];
+    for (net, msg) in cases {
+        let out = run_probe("hello", &["--net", net]);
+        assert_eq!(out.status, Some(1), "{net}: {out:?}");
+        let errors = out.error_lines();
+        assert_eq!(errors.len(), 1, "{net}: {}", out.stderr);
+        assert!(errors[0].contains(msg), "{net}: {}", errors[0]);
+        no_passt();
+    }
+    // passt starts for the first card, then the second one fails: passt goes too.
+    let out = run_probe("hello", &["--net", "user", "--net", "tap=nosuchtap0"]);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(
+        out.error_lines()[0].contains("TAP nosuchtap0 does not exist"),
+        "{out:?}"
+    );
+    no_passt();
+    // passt missing: wisp names the package.
+    let out = common::run_cmd(
+        {
+            let mut c = std::process::Command::new(common::wisp());
+            c.env("PATH", "/nonexistent").args([
+                "run",
+                "--kernel",
+                probe().to_str().expect("utf-8"),
+                "--net",
+                "user",
+            ]);
+            c
+        },
+        b"",
+        WAIT,
+    );
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(
+        out.error_lines()[0].contains("apt-get install passt"),
+        "{out:?}"
+    );
+    drop(busy);
+}

@@ -137,8 +137,14 @@ pub struct Session {
 impl Session {
     /// Starts `wisp ARGS`.
     pub fn start(args: &[&str]) -> Session {
+        Session::start_env(args, &[])
+    }
+
+    /// Starts `wisp ARGS` with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Session {
         let mut child = Command::new(wisp())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -197,6 +203,11 @@ impl Session {
         }
     }
 
+    /// wisp's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends one line to the guest console.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
@@ -244,6 +255,43 @@ impl Drop for Session {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Processes whose parent is `parent` and whose command name starts with `comm`
+/// (Debian's passt re-executes itself as passt.avx2).
+pub fn children_named(parent: u32, comm: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = &stat[open + 1..close];
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if name.starts_with(comm) && ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// True if process `pid` exists and its name starts with `comm` (a zombie counts).
+pub fn process_named(pid: u32, comm: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().starts_with(comm))
+        .unwrap_or(false)
 }
 
 /// A minimal x86_64 ELF executable whose single segment (at 1 MiB + 0x1000) holds `code`

@@ -71,6 +71,17 @@ impl NetNs {
         assert_eq!(r, 0, "setns: {}", io::Error::last_os_error());
     }
 
+    /// Gives the namespace a routable uplink: a veth pair with an address and a default
+    /// route (user-mode networking needs a host interface with a default route; nothing
+    /// answers on the other end, so no traffic leaves).
+    pub fn uplink(&self) {
+        self.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+        self.ip(&["addr", "add", "192.0.2.2/24", "dev", "up0"]);
+        self.ip(&["link", "set", "up0", "up"]);
+        self.ip(&["link", "set", "up1", "up"]);
+        self.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    }
+
     /// Creates TAP `name` (up, with a deep queue) in the namespace.
     pub fn tap(&self, name: &str) {
         self.ip(&["tuntap", "add", name, "mode", "tap"]);

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::MacAddr;
+
+use crate::usernet::{self, UserNetConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -41,6 +43,8 @@ pub enum NetBackend {
     Tap(String),
     /// A TAP wisp creates and attaches to this host bridge.
     Bridge(String),
+    /// User-mode NAT through passt.
+    User(UserNetConfig),
 }
 
 /// One virtio-net card.
@@ -96,7 +100,7 @@ pub enum ConfigError {
         why: String,
     },
     /// A malformed --net value.
-    #[error("--net {spec:?}: {why}; expected tap=NAME[,mac=MAC] or bridge=BR[,mac=MAC]")]
+    #[error("--net {spec:?}: {why}; expected user[,hostfwd=...], tap=NAME or bridge=BR (each with [,mac=MAC])")]
     BadNet {
         /// The value given.
         spec: String,
@@ -195,24 +199,17 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     })
 }
 
-/// Parses `--net tap=NAME[,mac=MAC]` or `--net bridge=BR[,mac=MAC]`.
+/// Parses `--net user[,OPTIONS]`, `--net tap=NAME` or `--net bridge=BR`, each with an
+/// optional `mac=MAC`.
 pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     let bad = |why: &str| ConfigError::BadNet {
         spec: spec.to_string(),
         why: why.to_string(),
     };
     let mut parts = spec.split(',');
-    let backend = match parts.next().and_then(|p| p.split_once('=')) {
-        Some(("tap", n)) if valid_ifname(n) => NetBackend::Tap(n.to_string()),
-        Some(("bridge", n)) if valid_ifname(n) => NetBackend::Bridge(n.to_string()),
-        Some(("tap" | "bridge", _)) => {
-            return Err(bad(
-                "interface names are 1 to 15 characters without '/', ' ' or ':'",
-            ))
-        }
-        _ => return Err(bad("it must start with tap=NAME or bridge=BR")),
-    };
+    let first = parts.next().unwrap_or_default();
     let mut mac = None;
+    let mut rest = Vec::new();
     for opt in parts {
         match opt.split_once('=') {
             Some(("mac", v)) => match MacAddr::parse(v) {
@@ -220,8 +217,24 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
                 Some(_) => return Err(bad("mac must be a unicast address (first byte even)")),
                 None => return Err(bad("mac must look like 52:54:00:12:34:56")),
             },
-            _ => return Err(bad(&format!("unknown option {opt:?}"))),
+            _ => rest.push(opt),
         }
+    }
+    let backend = match first.split_once('=') {
+        None if first == "user" => NetBackend::User(
+            usernet::parse_options(rest.drain(..)).map_err(|e| bad(&e.to_string()))?,
+        ),
+        Some(("tap", n)) if valid_ifname(n) => NetBackend::Tap(n.to_string()),
+        Some(("bridge", n)) if valid_ifname(n) => NetBackend::Bridge(n.to_string()),
+        Some(("tap" | "bridge", _)) => {
+            return Err(bad(
+                "interface names are 1 to 15 characters without '/', ' ' or ':'",
+            ))
+        }
+        _ => return Err(bad("it must start with user, tap=NAME or bridge=BR")),
+    };
+    if let Some(opt) = rest.first() {
+        return Err(bad(&format!("unknown option {opt:?}")));
     }
     Ok(NetConfig { backend, mac })
 }
@@ -339,12 +352,22 @@ mod tests {
             "tap=",
             "tap=0123456789abcdef",
             "vde=x",
+            "user,hostfwd=tcp::2222",
+            "user,foo=1",
             "tap=t0,mac=01:00:00:00:00:01",
             "tap=t0,mac=zz",
             "tap=t0,foo=1",
         ] {
             assert!(parse_net(bad).is_err(), "{bad}");
         }
+        let n = parse_net("user,hostfwd=tcp::2222-:22,mac=52:54:00:00:00:02").unwrap();
+        let NetBackend::User(u) = n.backend else {
+            panic!("not user")
+        };
+        assert_eq!(u.forwards[0].host_port, 2222);
+        assert!(n.mac.is_some());
+        let e = parse_net("user,hostfwd=tcp::2222").unwrap_err().to_string();
+        assert!(e.contains("hostfwd=tcp::2222"), "{e}");
         assert!(check_devices(8, 8).is_ok());
         assert!(check_devices(9, 8).is_err());
     }

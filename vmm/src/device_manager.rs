@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use devices::bus::Bus;
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use devices::virtio::net::backend::Backend;
+use devices::virtio::net::stream::StreamBackend;
 use devices::virtio::net::tap::{Tap, TapError};
 use devices::virtio::net::{MacAddr, Net};
 use devices::virtio::{DeviceError, VirtioDevice};
@@ -23,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::layout::MMIO_DEVICES_START;
 use crate::config::{NetBackend, VmConfig};
 use crate::memory::GuestMemory;
+use crate::usernet::{self, UserNetError};
 
 /// GSI of virtio slot 0 (ISA IRQs 0-4 are the PIT, i8042, cascade, COM2 and COM1).
 pub const FIRST_VIRTIO_GSI: u32 = 5;
@@ -38,6 +41,9 @@ pub enum DeviceManagerError {
     /// A TAP.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// User-mode networking.
+    #[error(transparent)]
+    UserNet(#[from] UserNetError),
     /// A KVM ioctl.
     #[error("{0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
@@ -96,19 +102,23 @@ fn create_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Devic
         out.push(Box::new(Block::open(disk, name)?));
     }
     for (i, net) in config.nets.iter().enumerate() {
-        let tap = match &net.backend {
-            NetBackend::Tap(name) => Tap::open(name)?,
+        let backend: Box<dyn Backend> = match &net.backend {
+            NetBackend::Tap(name) => Box::new(Tap::open(name)?),
             NetBackend::Bridge(br) => {
                 let tap = Tap::create_on_bridge(BRIDGE_TAP_TEMPLATE, br)?;
                 log::info!("created TAP {} on bridge {br}", tap.name());
-                tap
+                Box::new(tap)
+            }
+            NetBackend::User(user) => {
+                let (stream, reconnect) = usernet::start(user)?;
+                Box::new(StreamBackend::new("passt".into(), stream, reconnect)?)
             }
         };
         let mac = net
             .mac
             .unwrap_or_else(|| MacAddr::derived(&format!("{}/{i}", config.name)));
-        let name = format!("virtio-net{i} (tap {}, {mac})", tap.name());
-        out.push(Box::new(Net::new(name, tap, mac)));
+        let name = format!("virtio-net{i} ({}, {mac})", backend.describe());
+        out.push(Box::new(Net::new(name, backend, mac)));
     }
     Ok(out)
 }

@@ -45,6 +45,18 @@ struct ConsoleIn {
     watched: bool,
 }
 
+/// Watches a device backend fd, edge-triggered for reads and writes.
+fn watch_backend(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(
+            EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+            token,
+        ),
+    )
+}
+
 /// The VMM thread's loop.
 pub struct EventLoop {
     epoll: Epoll,
@@ -54,6 +66,8 @@ pub struct EventLoop {
     signals: SignalFd,
     console: Option<ConsoleIn>,
     devices: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Per device: the backend fd being watched and its generation.
+    backends: Vec<Option<(RawFd, u64)>>,
 }
 
 impl EventLoop {
@@ -78,22 +92,18 @@ impl EventLoop {
         add(latch.eventfd().as_raw_fd(), TOKEN_LATCH)?;
         add(drained.as_raw_fd(), TOKEN_DRAINED)?;
         add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
+        let mut backends = Vec::with_capacity(devices.len());
         for (d, dev) in devices.iter().enumerate() {
             let base = TOKEN_DEVICES + d as u64 * DEVICE_TOKENS;
             let dev = lock(dev);
             for (q, evt) in dev.queue_evts().iter().enumerate() {
                 add(evt.as_raw_fd(), base + q as u64)?;
             }
-            if let Some(fd) = dev.backend_fd() {
-                epoll.ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(
-                        EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-                        base + BACKEND_SUB,
-                    ),
-                )?;
+            let backend = dev.backend_fd().map(|fd| (fd, dev.backend_generation()));
+            if let Some((fd, _)) = backend {
+                watch_backend(&epoll, fd, base + BACKEND_SUB)?;
             }
+            backends.push(backend);
         }
         let console = input.map(|input| ConsoleIn {
             escape: input.escape.then(EscapeFilter::default),
@@ -111,6 +121,7 @@ impl EventLoop {
             signals,
             console,
             devices,
+            backends,
         })
     }
 
@@ -140,18 +151,18 @@ impl EventLoop {
                             self.latch.set(Outcome::Signal(signo));
                         }
                     }
-                    t if t >= TOKEN_DEVICES => self.device_event(t - TOKEN_DEVICES, ev.events()),
+                    t if t >= TOKEN_DEVICES => self.device_event(t - TOKEN_DEVICES, ev.events())?,
                     _ => {}
                 }
             }
         }
     }
 
-    fn device_event(&mut self, token: u64, events: u32) {
+    fn device_event(&mut self, token: u64, events: u32) -> Result<(), EventLoopError> {
         let index = (token / DEVICE_TOKENS) as usize;
         let sub = token % DEVICE_TOKENS;
         let Some(dev) = self.devices.get(index) else {
-            return;
+            return Ok(());
         };
         let mut dev = lock(dev);
         if sub == BACKEND_SUB {
@@ -159,6 +170,25 @@ impl EventLoop {
         } else {
             dev.queue_event(sub as usize);
         }
+        // A reconnected backend has a new fd: watch it instead of the old one.
+        let now = dev.backend_fd().map(|fd| (fd, dev.backend_generation()));
+        drop(dev);
+        if let Some(slot) = self.backends.get_mut(index) {
+            if *slot != now {
+                if let Some((old, _)) = *slot {
+                    // The old fd is usually closed already, which removed it.
+                    let _ = self
+                        .epoll
+                        .ctl(ControlOperation::Delete, old, EpollEvent::default());
+                }
+                if let Some((fd, _)) = now {
+                    let token = TOKEN_DEVICES + index as u64 * DEVICE_TOKENS + BACKEND_SUB;
+                    watch_backend(&self.epoll, fd, token)?;
+                }
+                *slot = now;
+            }
+        }
+        Ok(())
     }
 
     fn watch_input(&mut self, on: bool) -> io::Result<()> {

@@ -14,5 +14,6 @@ pub mod loader;
 pub mod memory;
 pub mod outcome;
 pub mod signals;
+pub mod usernet;
 pub mod vcpu;
 pub mod vm;

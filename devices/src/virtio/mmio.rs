@@ -139,13 +139,9 @@ impl MmioTransport {
         self.status
     }
 
-    /// The device changed its configuration space (e.g. link status): bump the
-    /// generation and tell a running driver.
-    pub fn config_changed(&mut self) {
-        self.config_generation = self.config_generation.wrapping_add(1);
-        if self.running() {
-            self.irq.trigger(INT_CONFIG);
-        }
+    /// Changes whenever the backend fd is replaced.
+    pub fn backend_generation(&self) -> u64 {
+        self.device.backend_generation()
     }
 
     fn running(&self) -> bool {
@@ -159,6 +155,7 @@ impl MmioTransport {
                 mem: &self.mem,
                 queues: &mut self.queues,
                 irq: &mut self.irq,
+                config_generation: &mut self.config_generation,
             },
         )
     }

@@ -92,6 +92,8 @@ pub struct QueueContext<'a> {
     pub queues: &'a mut [Queue],
     /// The device's interrupt.
     pub irq: &'a mut Interrupt,
+    /// The transport's ConfigGeneration register.
+    pub config_generation: &'a mut u32,
 }
 
 impl QueueContext<'_> {
@@ -101,7 +103,15 @@ impl QueueContext<'_> {
             mem: self.mem,
             queues: &mut *self.queues,
             irq: &mut *self.irq,
+            config_generation: &mut *self.config_generation,
         }
+    }
+
+    /// The device changed its configuration space (e.g. link status): bump the
+    /// generation and raise a configuration interrupt.
+    pub fn config_changed(&mut self) {
+        *self.config_generation = self.config_generation.wrapping_add(1);
+        self.irq.trigger(INT_CONFIG);
     }
 
     /// Raises a used-buffer interrupt for queue `index` if the driver wants one.
@@ -140,6 +150,11 @@ pub trait VirtioDevice: Send {
     /// The host file descriptor of the backend to watch (a TAP), if any.
     fn backend_fd(&self) -> Option<RawFd> {
         None
+    }
+    /// Changes whenever the backend fd is replaced (a reconnect), so the event loop
+    /// knows to watch the new one.
+    fn backend_generation(&self) -> u64 {
+        0
     }
     /// The driver notified queue `index`.
     fn queue_event(&mut self, ctx: QueueContext, index: usize) -> Result<(), DeviceError>;

@@ -7,7 +7,7 @@
 use crate::blk::{self, Bad};
 use crate::bootinfo::BootInfo;
 use crate::serial::Escaped;
-use crate::{io, net, status, virtio};
+use crate::{io, net, netproto, status, virtio};
 
 const PARAM: &[u8] = b"probe.cmd=";
 const DEFAULT_LIST: &[u8] = b"hello";
@@ -141,7 +141,19 @@ fn run_device(item: &[u8], name: &[u8], arg: Option<&[u8]>) -> bool {
                 _ => usage_error(item, "use net-send:N:LEN with LEN 60..1514"),
             }
         }
-        (b"virtio" | b"blk-info" | b"blk-flush" | b"net-info", Some(_)) => {
+        (b"net-arp", Some(a)) => {
+            let mut parts = a.splitn(2, |&b| b == b':');
+            let target = parts.next().and_then(netproto::parse_ipv4);
+            let sender = parts
+                .next()
+                .map_or(Some(netproto::GUEST_IP), netproto::parse_ipv4);
+            match (target, sender) {
+                (Some(t), Some(s)) => netproto::arp(cmd, t, s),
+                _ => usage_error(item, "use net-arp:TARGET[:SENDER], dotted IPv4 addresses"),
+            }
+        }
+        (b"net-dhcp", None) => netproto::dhcp(cmd),
+        (b"virtio" | b"blk-info" | b"blk-flush" | b"net-info" | b"net-dhcp", Some(_)) => {
             usage_error(item, "takes no argument")
         }
         (b"blk-write" | b"blk-verify", None) => usage_error(item, "needs SECTOR:COUNT:SEED"),
@@ -149,6 +161,7 @@ fn run_device(item: &[u8], name: &[u8], arg: Option<&[u8]>) -> bool {
         (b"blk-dev", None) => usage_error(item, "needs an argument: blk-dev:N"),
         (b"net-echo" | b"net-recv", None) => usage_error(item, "needs a frame count"),
         (b"net-send", None) => usage_error(item, "needs N:LEN"),
+        (b"net-arp", None) => usage_error(item, "needs an address: net-arp:TARGET[:SENDER]"),
         _ => return false,
     }
     true

@@ -19,6 +19,7 @@ mod entry;
 mod io;
 mod mem;
 mod net;
+mod netproto;
 mod virtio;
 mod virtqueue;
 

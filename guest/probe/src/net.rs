@@ -6,6 +6,8 @@
 //! frame). Pushes are batched: queues are notified just before the probe
 //! would wait for the device, or when a batch is complete.
 
+use core::fmt;
+
 use crate::virtio::{self, Device};
 use crate::virtqueue::{self, Desc, Dma, Queue, Ring, WaitError, QSIZE};
 use crate::{io, status};
@@ -49,7 +51,7 @@ unsafe fn buf(bufs: *mut [[u8; STRIDE]; QSIZE], id: u16) -> &'static mut [u8; ST
     unsafe { &mut (*bufs)[usize::from(id)] }
 }
 
-struct Net<'a> {
+pub struct Net<'a> {
     cmd: &'a str,
     dev: Device,
     rx: Queue,
@@ -69,7 +71,7 @@ struct Net<'a> {
 
 impl<'a> Net<'a> {
     /// Finds the first net device and initialises it, or ends the run.
-    fn open(cmd: &'a str) -> Net<'a> {
+    pub fn open(cmd: &'a str) -> Net<'a> {
         let Some(dev) = Device::find(virtio::DEVICE_NET, 0) else {
             println!("probe: no net device");
             io::exit(status::NO_DEVICE)
@@ -115,7 +117,7 @@ impl<'a> Net<'a> {
         }
     }
 
-    fn fail(&self, e: WaitError) -> ! {
+    pub fn fail(&self, e: WaitError) -> ! {
         virtqueue::fail(self.cmd, e)
     }
 
@@ -139,7 +141,7 @@ impl<'a> Net<'a> {
     }
 
     /// Posts every RX buffer and notifies the device.
-    fn rx_post_all(&mut self) {
+    pub fn rx_post_all(&mut self) {
         for id in 0..self.rx.size {
             self.rx_post(id);
         }
@@ -149,13 +151,23 @@ impl<'a> Net<'a> {
     /// Waits for a received frame: its buffer id and frame length. The
     /// driver owns the buffer until it posts it again.
     fn rx_wait(&mut self) -> (u16, usize) {
+        let mut budget = RX_POLLS;
+        match self.rx_poll(&mut budget) {
+            Some(r) => r,
+            None => self.fail(WaitError::Timeout),
+        }
+    }
+
+    /// As `rx_wait`, spending at most `*budget` polls: `None` once the
+    /// budget is used up.
+    fn rx_poll(&mut self, budget: &mut u64) -> Option<(u16, usize)> {
         let u = match self.rx.pop_used() {
             Ok(Some(u)) => u,
             Ok(None) => {
                 self.kick();
                 self.rx
-                    .wait_used(&self.dev, RX_POLLS)
-                    .unwrap_or_else(|e| self.fail(e))
+                    .poll_used(&self.dev, budget)
+                    .unwrap_or_else(|e| self.fail(e))?
             }
             Err(e) => self.fail(e),
         };
@@ -165,7 +177,34 @@ impl<'a> Net<'a> {
             io::exit(status::DEVICE_ERROR)
         }
         self.rx_posted[usize::from(u.id)] = false;
-        (u.id, len - HDR)
+        Some((u.id, len - HDR))
+    }
+
+    /// Our MAC address (config space).
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Waits (at most `*budget` polls, see `rx_poll`) for one received
+    /// frame, passes it to `f`, then posts its buffer again. `None` once
+    /// the budget is used up.
+    pub fn recv_with<R>(&mut self, budget: &mut u64, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let (id, len) = self.rx_poll(budget)?;
+        // SAFETY: the device returned `id`: the driver owns the buffer
+        // until rx_post below.
+        let r = f(unsafe { &buf(RX_BUFS.ptr(), id)[HDR..HDR + len] });
+        self.rx_post(id);
+        Some(r)
+    }
+
+    /// Sends one `len`-byte frame (at most MAX_FRAME) that `fill` writes
+    /// (the buffer holds stale bytes), and notifies the device.
+    pub fn send_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) {
+        let id = self.tx_alloc();
+        // SAFETY: tx_alloc returned a free buffer: the driver owns it.
+        fill(unsafe { &mut buf(TX_BUFS.ptr(), id)[HDR..HDR + len] });
+        self.tx_submit(id, len);
+        self.kick();
     }
 
     /// Returns one used TX buffer to the free list, waiting if `block`.
@@ -226,11 +265,21 @@ impl<'a> Net<'a> {
 /// `net-info`.
 pub fn info(cmd: &str) {
     let net = Net::open(cmd);
-    let m = net.mac;
-    println!(
-        "probe: net mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    );
+    println!("probe: net mac={}", Mac(net.mac));
+}
+
+/// Displays a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
 }
 
 /// `net-echo:N`: sends each of N received frames back to its source.

@@ -271,15 +271,25 @@ impl Queue {
     /// Polls (at most `limit` times) for the next used buffer, checking
     /// the device's DEVICE_NEEDS_RESET bit now and then.
     pub fn wait_used(&mut self, dev: &Device, limit: u64) -> Result<Used, WaitError> {
-        for n in 0..limit {
+        let mut budget = limit;
+        self.poll_used(dev, &mut budget)?.ok_or(WaitError::Timeout)
+    }
+
+    /// As [`Queue::wait_used`], but spends a poll budget that the caller
+    /// can split across several waits: `None` once `*budget` is 0.
+    pub fn poll_used(&mut self, dev: &Device, budget: &mut u64) -> Result<Option<Used>, WaitError> {
+        loop {
             if let Some(u) = self.pop_used()? {
-                return Ok(u);
+                return Ok(Some(u));
             }
-            if n % STATUS_EVERY == STATUS_EVERY - 1 && dev.needs_reset() {
+            if *budget == 0 {
+                return Ok(None);
+            }
+            *budget -= 1;
+            if budget.is_multiple_of(STATUS_EVERY) && dev.needs_reset() {
                 return Err(WaitError::NeedsReset);
             }
             core::hint::spin_loop();
         }
-        Err(WaitError::Timeout)
     }
 }

@@ -15,6 +15,7 @@ struct Rig {
     mem: GuestMemory,
     queues: Vec<virtio_queue::Queue>,
     irq: Interrupt,
+    generation: u32,
     dev: Block,
     heads: Vec<u16>,
     _file: tempfile_path::TempFile,
@@ -47,6 +48,7 @@ fn rig(sectors: u64, read_only: bool) -> Rig {
         mem: mem(),
         queues: vec![queue(16)],
         irq: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        generation: 0,
         dev,
         heads: Vec::new(),
         _file: tempfile_path::TempFile(path),
@@ -73,6 +75,7 @@ impl Rig {
             mem: &self.mem,
             queues: &mut self.queues,
             irq: &mut self.irq,
+            config_generation: &mut self.generation,
         };
         self.dev.queue_event(ctx, 0).unwrap();
         let slot = (self.heads.len() - 1) as u64;
@@ -166,6 +169,7 @@ fn malformed_chains_are_protocol_errors() {
         mem: &r.mem,
         queues: &mut r.queues,
         irq: &mut r.irq,
+        config_generation: &mut r.generation,
     };
     assert!(matches!(
         r.dev.queue_event(ctx, 0),
@@ -180,6 +184,7 @@ fn malformed_chains_are_protocol_errors() {
         mem: &r.mem,
         queues: &mut r.queues,
         irq: &mut r.irq,
+        config_generation: &mut r.generation,
     };
     assert!(r.dev.queue_event(ctx, 0).is_err());
 }

@@ -1,19 +1,25 @@
-//! virtio-net over a host TAP.
+//! virtio-net over a host TAP or a user-mode network stack ([`backend::Backend`]).
 //!
 //! Flow control, without busy loops and without silent loss:
-//! - RX: a frame read from the TAP waits in `rx_frame` until the guest posts a buffer;
-//!   while it waits, the TAP is not read (its queue fills and the host kernel applies
-//!   its own backpressure). A guest notification on the RX queue resumes reading.
-//! - TX: a chain the TAP refuses (EAGAIN) goes back to the ring and TX stops until
-//!   the TAP reports writable again.
+//! - RX: a frame read from the backend waits in `rx_frame` until the guest posts a
+//!   buffer; while it waits, the backend is not read (its queue fills and the host
+//!   side applies its own backpressure). A guest notification on the RX queue resumes
+//!   reading.
+//! - TX: a chain the backend refuses (EAGAIN) goes back to the ring and TX stops until
+//!   the backend reports writable again.
 //!
-//! The TAP is watched edge-triggered, so `tap_readable`/`tx_blocked` remember the
-//! last edge.
+//! The backend fd is watched edge-triggered, so `rx_ready`/`tx_blocked` remember the
+//! last edge. A backend whose connection dies (passt exiting) takes the link down
+//! (VIRTIO_NET_S_LINK_UP clears, with a configuration interrupt); the device then
+//! tries to reconnect, a few times per minute at most, and brings the link back up.
 
+pub mod backend;
+pub mod stream;
 pub mod tap;
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net::{
@@ -24,7 +30,8 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
 
-use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+use self::backend::{is_disconnect, Backend};
+use self::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::chain::{self, Desc};
 use super::{
     read_config_bytes, DeviceError, GuestMemory, LogLimiter, QueueContext, VirtioDevice,
@@ -34,9 +41,14 @@ use super::{
 const RX: usize = 0;
 const TX: usize = 1;
 /// Largest frame with its header: a 64 KiB GSO packet plus Ethernet and virtio headers.
-const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
+/// Reconnects allowed per [`RECONNECT_WINDOW`]; past that the link stays down.
+const MAX_RECONNECTS: usize = 3;
+const RECONNECT_WINDOW: Duration = Duration::from_secs(60);
 const EPOLLIN: u32 = libc::EPOLLIN as u32;
 const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
+const EPOLLHUP: u32 = libc::EPOLLHUP as u32;
+const EPOLLERR: u32 = libc::EPOLLERR as u32;
 
 /// A MAC address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,43 +97,90 @@ impl std::fmt::Display for MacAddr {
     }
 }
 
-/// A virtio-net device on a TAP.
+/// A virtio-net device.
 pub struct Net {
     name: String,
-    tap: Tap,
+    backend: Box<dyn Backend>,
+    generation: u64,
+    link_up: bool,
+    reconnects: Vec<Instant>,
     acked: u64,
     config: [u8; 8],
     rx_frame: Vec<u8>,
     rx_len: usize,
-    tap_readable: bool,
+    rx_ready: bool,
     tx_blocked: bool,
     tx_frame: Vec<u8>,
     log: LogLimiter,
 }
 
 impl Net {
-    /// A device with address `mac` on `tap`; `name` is used in logs.
-    pub fn new(name: String, tap: Tap, mac: MacAddr) -> Self {
+    /// A device with address `mac` on `backend`; `name` is used in logs.
+    pub fn new(name: String, backend: Box<dyn Backend>, mac: MacAddr) -> Self {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&mac.0);
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         Self {
             name,
-            tap,
+            backend,
+            generation: 0,
+            link_up: true,
+            reconnects: Vec::new(),
             acked: 0,
             config,
             rx_frame: vec![0; MAX_FRAME],
             rx_len: 0,
-            tap_readable: true,
+            rx_ready: true,
             tx_blocked: false,
             tx_frame: Vec::with_capacity(MAX_FRAME),
             log: LogLimiter::default(),
         }
     }
 
-    /// The TAP's interface name.
-    pub fn tap_name(&self) -> &str {
-        self.tap.name()
+    fn set_link(&mut self, ctx: &mut QueueContext, up: bool) {
+        self.link_up = up;
+        let status = if up { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
+        self.config[6..8].copy_from_slice(&status.to_le_bytes());
+        ctx.config_changed();
+    }
+
+    /// The backend's connection died: link down, then reconnect if the budget allows.
+    fn backend_lost(&mut self, ctx: &mut QueueContext, e: &io::Error) {
+        log::error!(
+            "{}: lost {} ({e}); link down",
+            self.name,
+            self.backend.describe()
+        );
+        self.set_link(ctx, false);
+        self.rx_len = 0;
+        self.rx_ready = false;
+        let now = Instant::now();
+        self.reconnects
+            .retain(|t| now.duration_since(*t) < RECONNECT_WINDOW);
+        if self.reconnects.len() >= MAX_RECONNECTS {
+            log::error!(
+                "{}: {} reconnects within {:?}: giving up, the link stays down",
+                self.name,
+                MAX_RECONNECTS,
+                RECONNECT_WINDOW
+            );
+            return;
+        }
+        self.reconnects.push(now);
+        match self.backend.reconnect() {
+            Ok(()) => {
+                self.generation += 1;
+                self.rx_ready = true;
+                self.tx_blocked = false;
+                log::warn!(
+                    "{}: reconnected to {}; link up",
+                    self.name,
+                    self.backend.describe()
+                );
+                self.set_link(ctx, true);
+            }
+            Err(e) => log::error!("{}: cannot reconnect: {e}; the link stays down", self.name),
+        }
     }
 
     fn offloads(&self) -> u32 {
@@ -144,21 +203,24 @@ impl Net {
         let mut used = false;
         loop {
             if self.rx_len == 0 {
-                if !self.tap_readable {
+                if !self.rx_ready || !self.link_up {
                     break;
                 }
-                match self.tap.read_frame(&mut self.rx_frame) {
-                    Ok(0) => break,
+                match self.backend.read_frame(&mut self.rx_frame) {
                     Ok(n) => self.rx_len = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.tap_readable = false;
+                        self.rx_ready = false;
                         break;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if is_disconnect(&e) => {
+                        self.backend_lost(ctx, &e);
+                        continue;
+                    }
                     Err(e) => {
-                        self.log
-                            .warn(&self.name, &format!("TAP {} read: {e}", self.tap.name()));
-                        self.tap_readable = false;
+                        let msg = format!("{} read: {e}", self.backend.describe());
+                        self.log.warn(&self.name, &msg);
+                        self.rx_ready = false;
                         break;
                     }
                 }
@@ -204,42 +266,41 @@ impl Net {
         let mem = ctx.mem;
         let mut used = false;
         while !self.tx_blocked {
-            let q = &mut ctx.queues[TX];
-            let Some(chain) = next_chain(q, mem)? else {
+            let Some(chain) = next_chain(&mut ctx.queues[TX], mem)? else {
                 break;
             };
             let head = chain.head_index();
             let descs = chain::collect(chain)?;
             gather(mem, &descs, &mut self.tx_frame)?;
-            if self.tx_frame.len() < VNET_HDR_LEN + 14 {
-                self.log.warn(
-                    &self.name,
-                    &format!(
-                        "dropped a {}-byte TX buffer: shorter than headers",
-                        self.tx_frame.len()
-                    ),
-                );
-                q.add_used(mem, head, 0)?;
-                used = true;
-                continue;
-            }
-            match self.tap.write_frame(&self.tx_frame) {
-                Ok(_) => {}
+            let result = if self.tx_frame.len() < VNET_HDR_LEN + 14 {
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "TX buffer shorter than its headers",
+                ))
+            } else if !self.link_up {
+                // Like a NIC with no carrier: the frame is dropped.
+                Ok(())
+            } else {
+                self.backend.write_frame(&mut self.tx_frame)
+            };
+            match result {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    q.go_to_previous_position();
+                    ctx.queues[TX].go_to_previous_position();
                     self.tx_blocked = true;
                     break;
                 }
-                Err(e) => self.log.warn(
-                    &self.name,
-                    &format!(
-                        "TAP {} write of {} bytes: {e}",
-                        self.tap.name(),
-                        self.tx_frame.len()
-                    ),
-                ),
+                Err(e) if is_disconnect(&e) => self.backend_lost(ctx, &e),
+                Err(e) => {
+                    let msg = format!(
+                        "dropped a {}-byte frame to {}: {e}",
+                        self.tx_frame.len(),
+                        self.backend.describe()
+                    );
+                    self.log.warn(&self.name, &msg);
+                }
             }
-            q.add_used(mem, head, 0)?;
+            ctx.queues[TX].add_used(mem, head, 0)?;
             used = true;
         }
         if used {
@@ -329,11 +390,11 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        F_VERSION_1
-            | F_EVENT_IDX
-            | (1 << VIRTIO_NET_F_MAC)
-            | (1 << VIRTIO_NET_F_STATUS)
-            | (1 << VIRTIO_NET_F_CSUM)
+        let base = F_VERSION_1 | F_EVENT_IDX | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS);
+        if !self.backend.supports_offloads() {
+            return base;
+        }
+        base | (1 << VIRTIO_NET_F_CSUM)
             | (1 << VIRTIO_NET_F_GUEST_CSUM)
             | (1 << VIRTIO_NET_F_GUEST_TSO4)
             | (1 << VIRTIO_NET_F_GUEST_TSO6)
@@ -354,14 +415,15 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, _ctx: QueueContext) -> Result<(), DeviceError> {
-        if let Err(e) = self.tap.set_offload(self.offloads()) {
+        if let Err(e) = self.backend.set_offloads(self.offloads()) {
             return Err(DeviceError::Protocol(format!(
-                "cannot match TAP offloads: {e}"
+                "cannot match {} offloads: {e}",
+                self.backend.describe()
             )));
         }
-        // Frames may have queued up on the TAP before the driver was ready: the RX queue
-        // event the transport sends next reads them.
-        self.tap_readable = true;
+        // Frames may have queued up before the driver was ready: the RX queue event the
+        // transport sends next reads them.
+        self.rx_ready = true;
         self.tx_blocked = false;
         Ok(())
     }
@@ -369,13 +431,17 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.acked = 0;
         self.tx_blocked = false;
-        if let Err(e) = self.tap.set_offload(0) {
+        if let Err(e) = self.backend.set_offloads(0) {
             log::warn!("{}: {e}", self.name);
         }
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
-        Some(self.tap.as_raw_fd())
+        Some(self.backend.fd())
+    }
+
+    fn backend_generation(&self) -> u64 {
+        self.generation
     }
 
     fn queue_event(&mut self, mut ctx: QueueContext, index: usize) -> Result<(), DeviceError> {
@@ -391,8 +457,9 @@ impl VirtioDevice for Net {
             self.tx_blocked = false;
             self.process_tx(&mut ctx)?;
         }
-        if events & EPOLLIN != 0 {
-            self.tap_readable = true;
+        // A hang-up or error shows up as a read error, which process_rx handles.
+        if events & (EPOLLIN | EPOLLHUP | EPOLLERR) != 0 {
+            self.rx_ready = true;
             self.process_rx(&mut ctx)?;
         }
         Ok(())

@@ -1,0 +1,113 @@
+//! The default Linux guest in user-mode NAT networking (passt), as in the seed labs'
+//! "NAT mode": DHCP, SSH in through a port forward, out to a host service through the
+//! gateway, and no way in without a forward. One boot, in a network namespace with a
+//! veth uplink (passt needs a default route); no traffic leaves the machine.
+
+mod common;
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::netns::NetNs;
+use common::{children_named, guest_file, process_named, Session, TempDir};
+
+const BOOT: Duration = Duration::from_secs(240);
+const CMD: Duration = Duration::from_secs(90);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Runs `command` in the guest over SSH (dropbear's client, the build's key).
+fn ssh(port: u16, home: &TempDir, command: &str) -> std::process::Output {
+    let key = guest_file("ssh/id_ed25519.dropbear");
+    Command::new("dbclient")
+        .env("HOME", &home.0)
+        .args(["-y", "-i"])
+        .arg(&key)
+        .args(["-p", &port.to_string(), "root@127.0.0.1", command])
+        .output()
+        .expect("run dbclient (apt-get install dropbear-bin)")
+}
+
+#[test]
+fn nat_mode_dhcp_ssh_through_a_forward_and_out_to_the_host() {
+    guest_file("vmlinux");
+    let ns = NetNs::new("usernet");
+    ns.enter();
+    ns.uplink();
+    let home = TempDir::new("ssh-home");
+
+    // A host service the guest reaches through the gateway address.
+    let service = TcpListener::bind("127.0.0.1:0").expect("bind host service");
+    let service_port = service.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = service.accept().expect("accept");
+        c.write_all(b"host-says-hi\n").expect("write");
+    });
+
+    let ssh_port = free_port();
+    let net = format!("user,hostfwd=tcp::{ssh_port}-:22");
+    let mut s = Session::start_env(
+        &["run", "--name", "nat", "--memory", "256", "--net", &net],
+        &[("WISP_LOG", "debug")],
+    );
+    s.expect_from(0, "WISP-READY", BOOT);
+    let passt = children_named(s.pid(), "passt");
+    assert_eq!(passt.len(), 1, "one passt child: {passt:?}");
+
+    // DHCP (the guest's rcS runs udhcpc in the background).
+    let addr = s.query(
+        "ADDR",
+        "for i in $(seq 30); do ip -4 -o addr show eth0 | grep -q inet && break; sleep 1; done; \
+         ip -4 -o addr show eth0 | awk '{print $4}'",
+        CMD,
+    );
+    assert_eq!(addr, "10.0.2.15/24", "guest output:\n{}", s.seen);
+
+    // SSH in through the forward.
+    let deadline = Instant::now() + CMD;
+    let out = loop {
+        let out = ssh(ssh_port, &home, "uname -a");
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("Linux wisp"),
+        "ssh: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Out to the host through the gateway.
+    let got = s.query(
+        "HOSTSVC",
+        &format!("nc -w 10 10.0.2.2 {service_port} </dev/null"),
+        CMD,
+    );
+    assert_eq!(got, "host-says-hi", "guest output:\n{}", s.seen);
+    server.join().expect("host service");
+
+    // Without a forward, the host cannot reach the guest: no listener on another port,
+    // and no route to the guest's address.
+    assert!(TcpStream::connect(("127.0.0.1", free_port())).is_err());
+    assert!(TcpStream::connect_timeout(
+        &"10.0.2.15:22".parse().expect("addr"),
+        Duration::from_secs(3)
+    )
+    .is_err());
+
+    s.send_line("poweroff -f");
+    let (status, stderr) = s.wait(CMD);
+    assert_eq!(status, Some(0), "stderr:\n{stderr}");
+    for pid in passt {
+        assert!(!process_named(pid, "passt"), "passt {pid} outlived wisp");
+    }
+}
