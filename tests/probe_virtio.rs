@@ -369,3 +369,93 @@ fn bad_user_net_input_is_a_one_line_error_and_leaves_no_passt() {
     );
     drop(busy);
 }
+
+#[test]
+fn passt_dying_takes_the_link_down_and_wisp_restarts_it() {
+    let ns = NetNs::new("passt-restart");
+    ns.enter();
+    ns.uplink();
+    let mut s = Session::start_env(
+        &[
+            "run",
+            "--kernel",
+            probe().to_str().expect("utf-8"),
+            "--net",
+            "user",
+            "--cmdline",
+            "probe.cmd=net-arp:10.0.2.2,readin:1,net-dhcp",
+        ],
+        &[("WISP_LOG", "debug")],
+    );
+    let at = s.expect_from(0, "probe: net-arp 10.0.2.2 is-at ", WAIT);
+    let first = common::children_named(s.pid(), "passt");
+    assert_eq!(first.len(), 1, "{first:?}");
+    // SAFETY: kill(2) on a process id we just read; no memory involved.
+    assert_eq!(unsafe { libc::kill(first[0] as i32, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + WAIT;
+    let second = loop {
+        let now = common::children_named(s.pid(), "passt");
+        if now.len() == 1 && now[0] != first[0] {
+            break now[0];
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "passt not restarted: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !common::process_named(first[0], "passt"),
+        "old passt not reaped"
+    );
+    // The VM kept running; over the new passt, DHCP works.
+    s.send_line("x");
+    s.expect_from(at, "probe: net-dhcp ack=10.0.2.15", WAIT);
+    let (status, stderr) = s.wait(WAIT);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stderr.contains("link down"), "{stderr}");
+    assert!(stderr.contains("passt restarted"), "{stderr}");
+    assert!(
+        !common::process_named(second, "passt"),
+        "passt outlived wisp"
+    );
+}
+
+#[test]
+fn user_net_answers_arp_and_dhcp_with_the_address_plan() {
+    let ns = NetNs::new("usernet-probe");
+    ns.enter();
+    ns.uplink();
+    for (net, guest, gw, dns) in [
+        ("user", "10.0.2.15", "10.0.2.2", "10.0.2.3"),
+        (
+            "user,net=192.168.76.0/24",
+            "192.168.76.15",
+            "192.168.76.2",
+            "192.168.76.3",
+        ),
+    ] {
+        let cmds = format!("net-arp:{gw}:{guest},net-dhcp");
+        let out = run_probe(&cmds, &["--net", net]);
+        assert_eq!(out.status, Some(0), "{net}: {out:?}");
+        assert!(
+            out.stdout.contains(&format!("probe: net-arp {gw} is-at ")),
+            "{net}: {out:?}"
+        );
+        let offer = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("probe: net-dhcp offer="))
+            .unwrap_or_else(|| panic!("{net}: no offer: {out:?}"));
+        for want in [
+            format!("offer={guest} "),
+            format!("router={gw} "),
+            format!("dns={dns} "),
+            "mask=255.255.255.0 ".to_string(),
+            "mtu=1500 ".to_string(),
+        ] {
+            assert!(offer.contains(&want), "{net}: {want:?} not in {offer:?}");
+        }
+        assert_lines(&out, &[&format!("probe: net-dhcp ack={guest}")]);
+    }
+}
