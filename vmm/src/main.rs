@@ -72,6 +72,7 @@ EXAMPLES:
   wisp run --disk target/guest/rootfs.ext4 --cmdline 'root=/dev/vda rw'
   wisp run --net tap=tap0 --cmdline 'ip=192.168.100.2::192.168.100.1:255.255.255.0'
   wisp run --name vm1 --net bridge=wispbr0 --cmdline ip=dhcp
+  wisp run --net user,hostfwd=tcp::2222-:22     # then: ssh -p 2222 root@127.0.0.1
   wisp run --kernel target/guest/probe --cmdline probe.cmd=hello")]
 struct RunArgs {
     /// Kernel to boot: an x86_64 ELF vmlinux (PVH entry if it has the PVH note, else the
@@ -121,12 +122,18 @@ struct RunArgs {
     #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
     disk: Vec<String>,
 
-    /// Add a virtio-net card (repeatable). `tap=NAME` uses an existing TAP (create one
-    /// with `ip tuntap add NAME mode tap user $USER`). `bridge=BR` creates a TAP,
-    /// attaches it to host bridge BR and removes it on exit (needs CAP_NET_ADMIN; see
-    /// scripts/net-bridge-up.sh). `mac=` sets the guest's MAC (default: 52:54:00:...
-    /// derived from --name and the card's index).
-    #[arg(long, value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
+    /// Add a virtio-net card (repeatable).
+    /// `user` is user-mode NAT through passt (no root needed): the guest gets
+    /// 10.0.2.15/24 by DHCP, gateway 10.0.2.2 (which reaches the host), DNS 10.0.2.3;
+    /// `hostfwd=PROTO:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT` (repeatable, QEMU
+    /// syntax, HOSTADDR defaults to 127.0.0.1) forwards a host port into the guest, e.g.
+    /// `user,hostfwd=tcp::2222-:22`; `net=ADDR/PREFIX`, `host=`, `dns=`, `guest=` change
+    /// the address plan. `tap=NAME` uses an existing TAP (create one with `ip tuntap add
+    /// NAME mode tap user $USER`). `bridge=BR` creates a TAP, attaches it to host bridge
+    /// BR and removes it on exit (needs CAP_NET_ADMIN; see scripts/net-bridge-up.sh).
+    /// `mac=` sets the guest's MAC (default: 52:54:00:... derived from --name and the
+    /// card's index).
+    #[arg(long, value_name = "user[,hostfwd=...]|tap=NAME|bridge=BR[,mac=MAC]")]
     net: Vec<String>,
 }
 
@@ -190,6 +197,9 @@ fn check_readable(what: &str, path: &Path) -> Result<()> {
 }
 
 fn run(args: RunArgs, start: Instant) -> Result<u8> {
+    // Before any thread exists: INT/TERM/HUP must reach the event loop's signalfd, so
+    // wisp always stops the VM, reaps passt and restores the terminal.
+    vmm::signals::block().context("cannot block termination signals")?;
     let name = args
         .name
         .clone()

@@ -11,24 +11,39 @@ pub struct SignalFd {
     fd: OwnedFd,
 }
 
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    set
+}
+
+/// Blocks the termination signals in the calling thread; threads spawned later inherit
+/// the mask. Call it before starting any thread (e.g. passt's log reader), or a signal
+/// may land on a thread that does not block it and kill wisp without clean-up. (Child
+/// processes start with an empty mask: std resets it before exec.)
+pub fn block() -> io::Result<()> {
+    let set = termination_set();
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
 impl SignalFd {
-    /// Blocks the termination signals in the calling thread (threads spawned later inherit
-    /// the mask) and opens a signalfd for them.
+    /// Blocks the termination signals in the calling thread (see [`block`]) and opens a
+    /// signalfd for them.
     pub fn new() -> io::Result<Self> {
-        // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            for s in SIGNALS {
-                libc::sigaddset(&mut set, s);
-            }
-        }
-        // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if r != 0 {
-            return Err(io::Error::from_raw_os_error(r));
-        }
+        block()?;
+        let set = termination_set();
         // SAFETY: -1 asks for a new descriptor; `set` is initialised.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
         if fd < 0 {

@@ -52,7 +52,13 @@ pub enum UserNetError {
     /// Starting passt failed.
     #[error("cannot start passt: {0}")]
     Spawn(io::Error),
+    /// passt exited during start-up.
+    #[error("passt exited at start-up: {0}")]
+    Died(String),
 }
+
+/// How long passt may take to start (it is usually ready in milliseconds).
+const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// TCP or UDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,11 +328,19 @@ pub struct Passt {
 impl Passt {
     /// Starts passt for `cfg`; returns it and wisp's end of the connection.
     pub fn spawn(cfg: &UserNetConfig) -> Result<(Passt, UnixStream), UserNetError> {
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let prog = find_on_path(PASST).ok_or(UserNetError::NotInstalled)?;
         let (ours, theirs) = UnixStream::pair().map_err(UserNetError::Spawn)?;
         let fd = theirs.as_raw_fd();
+        // passt writes its pid file once it is set up (ports bound, sandbox entered).
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid_file =
+            std::env::temp_dir().join(format!("wisp-{}-passt-{n}.pid", std::process::id()));
+        let _ = std::fs::remove_file(&pid_file);
         let mut cmd = Command::new(prog);
         cmd.args(passt_args(cfg, fd))
+            .arg("--pid")
+            .arg(&pid_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -345,6 +359,9 @@ impl Passt {
         }
         let mut child = cmd.spawn().map_err(UserNetError::Spawn)?;
         drop(theirs);
+        let ready = wait_ready(&mut child, &pid_file);
+        let _ = std::fs::remove_file(&pid_file);
+        ready?;
         log::debug!("passt started (pid {})", child.id());
         if let Some(err) = child.stderr.take() {
             let pid = child.id();
@@ -367,6 +384,43 @@ impl Passt {
     /// passt's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+/// Waits until passt has written its pid file; if it exits first, returns its reason.
+fn wait_ready(child: &mut Child, pid_file: &std::path::Path) -> Result<(), UserNetError> {
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        if std::fs::metadata(pid_file)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut text = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = io::Read::read_to_string(&mut err, &mut text);
+            }
+            let reason = text
+                .lines()
+                .filter(|l| !l.contains("syslog") && !l.contains("Changing to nobody"))
+                .map(str::trim)
+                .rfind(|l| !l.is_empty())
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{status}"));
+            let hint = if reason.contains("nterface") {
+                " (user-mode networking needs a host interface with a default route)"
+            } else {
+                ""
+            };
+            return Err(UserNetError::Died(format!("{reason}{hint}")));
+        }
+        if std::time::Instant::now() > deadline {
+            log::warn!("passt did not report ready within {START_TIMEOUT:?}; carrying on");
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
 

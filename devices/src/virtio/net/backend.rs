@@ -24,6 +24,11 @@ pub trait Backend: Send {
     /// Sends one frame with its header (the backend may overwrite the header bytes).
     /// `Ok` means the frame was taken; `WouldBlock` means retry once the fd is writable.
     fn write_frame(&mut self, frame: &mut [u8]) -> io::Result<()>;
+    /// Writes out anything a previous `write_frame` left buffered; `WouldBlock` if some
+    /// is still left.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
     /// The connection is gone: try to get a new one. Backends without a connection
     /// (TAPs) cannot.
     fn reconnect(&mut self) -> io::Result<()> {

@@ -453,9 +453,25 @@ impl VirtioDevice for Net {
     }
 
     fn backend_event(&mut self, mut ctx: QueueContext, events: u32) -> Result<(), DeviceError> {
-        if events & EPOLLOUT != 0 && self.tx_blocked {
-            self.tx_blocked = false;
-            self.process_tx(&mut ctx)?;
+        if events & EPOLLOUT != 0 {
+            // The rest of a partly written frame goes first, even if the guest has
+            // nothing new to send.
+            let flushed = match self.backend.flush() {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                Err(e) if is_disconnect(&e) => {
+                    self.backend_lost(&mut ctx, &e);
+                    true
+                }
+                Err(e) => {
+                    self.log.warn(&self.name, &format!("flush: {e}"));
+                    true
+                }
+            };
+            if flushed && self.tx_blocked {
+                self.tx_blocked = false;
+                self.process_tx(&mut ctx)?;
+            }
         }
         // A hang-up or error shows up as a read error, which process_rx handles.
         if events & (EPOLLIN | EPOLLHUP | EPOLLERR) != 0 {

@@ -34,6 +34,20 @@ pub struct StreamBackend {
 }
 
 impl StreamBackend {
+    fn flush_pending(&mut self) -> io::Result<()> {
+        while self.tx_pos < self.tx_pending.len() {
+            match self.stream.write(&self.tx_pending[self.tx_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.tx_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.tx_pending.clear();
+        self.tx_pos = 0;
+        Ok(())
+    }
+
     /// A backend on `stream` (made non-blocking here); `label` names the peer in logs,
     /// `reconnect` replaces a dead connection.
     pub fn new(label: String, stream: UnixStream, reconnect: Reconnect) -> io::Result<Self> {
@@ -48,21 +62,6 @@ impl StreamBackend {
             tx_pos: 0,
             reconnect,
         })
-    }
-
-    /// Writes out what is left of a partially written frame.
-    fn flush(&mut self) -> io::Result<()> {
-        while self.tx_pos < self.tx_pending.len() {
-            match self.stream.write(&self.tx_pending[self.tx_pos..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.tx_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.tx_pending.clear();
-        self.tx_pos = 0;
-        Ok(())
     }
 }
 
@@ -125,8 +124,12 @@ impl Backend for StreamBackend {
         }
     }
 
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_pending()
+    }
+
     fn write_frame(&mut self, frame: &mut [u8]) -> io::Result<()> {
-        self.flush()?;
+        self.flush_pending()?;
         let len = frame.len().checked_sub(VNET_HDR_LEN).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, "frame shorter than its header")
         })?;
