@@ -153,7 +153,10 @@ fn bad_disk_and_net_options_are_one_line_errors() {
             &["--net", "bridge=nosuchbr0"],
             "bridge nosuchbr0 does not exist",
         ),
-        (&["--net", "vde=x"], "it must start with user, tap=NAME or bridge=BR"),
+        (
+            &["--net", "vde=x"],
+            "it must start with user, tap=NAME or bridge=BR",
+        ),
     ];
     for (args, msg) in cases {
         let out = run_probe("hello", args);

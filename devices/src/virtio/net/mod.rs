@@ -14,6 +14,7 @@
 //! tries to reconnect, a few times per minute at most, and brings the link back up.
 
 pub mod backend;
+mod rx;
 pub mod stream;
 pub mod tap;
 
@@ -28,7 +29,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::Bytes;
 
 use self::backend::{is_disconnect, Backend};
 use self::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
@@ -38,6 +39,8 @@ use super::{
     F_EVENT_IDX, F_VERSION_1, QUEUE_MAX_SIZE, TYPE_NET,
 };
 
+/// VIRTIO_NET_F_MRG_RXBUF: a frame may span several RX chains.
+const F_MRG_RXBUF: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 const RX: usize = 0;
 const TX: usize = 1;
 /// Largest frame with its header: a 64 KiB GSO packet plus Ethernet and virtio headers.
@@ -197,70 +200,6 @@ impl Net {
         f
     }
 
-    /// Moves frames from the TAP into guest RX buffers while both have some.
-    fn process_rx(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceError> {
-        let mem = ctx.mem;
-        let mut used = false;
-        loop {
-            if self.rx_len == 0 {
-                if !self.rx_ready || !self.link_up {
-                    break;
-                }
-                match self.backend.read_frame(&mut self.rx_frame) {
-                    Ok(n) => self.rx_len = n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.rx_ready = false;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if is_disconnect(&e) => {
-                        self.backend_lost(ctx, &e);
-                        continue;
-                    }
-                    Err(e) => {
-                        let msg = format!("{} read: {e}", self.backend.describe());
-                        self.log.warn(&self.name, &msg);
-                        self.rx_ready = false;
-                        break;
-                    }
-                }
-            }
-            let q = &mut ctx.queues[RX];
-            let Some(chain) = next_chain(q, mem)? else {
-                // No guest buffer: keep the frame and stop reading the TAP until the
-                // driver adds buffers (it notifies: notifications are enabled).
-                break;
-            };
-            let head = chain.head_index();
-            let descs = chain::collect(chain)?;
-            let frame = &mut self.rx_frame[..self.rx_len];
-            if frame.len() >= VNET_HDR_LEN {
-                // num_buffers = 1: one chain per frame without VIRTIO_NET_F_MRG_RXBUF.
-                frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            }
-            match write_chain(mem, &descs, frame)? {
-                Some(n) => {
-                    q.add_used(mem, head, n)?;
-                    used = true;
-                }
-                None => {
-                    // The buffer is too small for this frame: drop the frame, keep the
-                    // buffer for the next one.
-                    q.go_to_previous_position();
-                    self.log.warn(
-                        &self.name,
-                        &format!("dropped a {}-byte frame: RX buffer too small", frame.len()),
-                    );
-                }
-            }
-            self.rx_len = 0;
-        }
-        if used {
-            ctx.notify(RX)?;
-        }
-        Ok(())
-    }
-
     /// Sends guest TX chains to the TAP until the ring is empty or the TAP is full.
     fn process_tx(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceError> {
         let mem = ctx.mem;
@@ -311,7 +250,7 @@ impl Net {
 }
 
 /// The next available chain, or None once the ring is empty with notifications on.
-fn next_chain<'m>(
+pub(super) fn next_chain<'m>(
     q: &mut Queue,
     mem: &'m GuestMemory,
 ) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemory>>, DeviceError> {
@@ -323,38 +262,6 @@ fn next_chain<'m>(
             return Ok(None);
         }
     }
-}
-
-/// Writes `frame` across the writable descriptors; `None` if they are too small.
-fn write_chain(
-    mem: &GuestMemory,
-    descs: &[Desc],
-    frame: &[u8],
-) -> Result<Option<u32>, DeviceError> {
-    let mut room: u64 = 0;
-    for d in descs {
-        if !d.writable || !mem.check_range(d.addr, d.len as usize) {
-            return Err(DeviceError::Protocol(format!(
-                "RX buffer {:#x}+{} is read-only or outside guest memory",
-                d.addr.0, d.len
-            )));
-        }
-        room += u64::from(d.len);
-    }
-    if room < frame.len() as u64 {
-        return Ok(None);
-    }
-    let mut rest = frame;
-    for d in descs {
-        if rest.is_empty() {
-            break;
-        }
-        let n = rest.len().min(d.len as usize);
-        mem.write_slice(&rest[..n], d.addr)
-            .map_err(|e| DeviceError::Protocol(format!("RX buffer: {e}")))?;
-        rest = &rest[n..];
-    }
-    Ok(Some(frame.len() as u32))
 }
 
 /// Copies the readable descriptors of a TX chain into `out`.
@@ -390,7 +297,11 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        let base = F_VERSION_1 | F_EVENT_IDX | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS);
+        let base = F_MRG_RXBUF
+            | F_VERSION_1
+            | F_EVENT_IDX
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS);
         if !self.backend.supports_offloads() {
             return base;
         }
