@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the big picture.
 
+pub mod api;
 pub mod arch;
 pub mod cmdline;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod host;
 pub mod loader;
 pub mod memory;
 pub mod outcome;
+pub mod run_control;
 pub mod signals;
 pub mod usernet;
 pub mod vcpu;

@@ -43,6 +43,27 @@ enum Command {
     Run(RunArgs),
     /// Check /dev/kvm, the capabilities wisp needs, and how fast guest kernel mode runs.
     Doctor,
+    /// List running VMs (those whose control socket answers) with state, vCPUs, memory
+    /// and uptime.
+    Ls,
+    /// Show one VM's state, vCPUs, memory, uptime and pid.
+    Status(Target),
+    /// Pause a VM: every vCPU stops at a consistent point and devices stop processing.
+    Pause(Target),
+    /// Resume a paused VM.
+    Resume(Target),
+    /// Stop a VM (wisp exits with status 0, as if the guest had powered off).
+    Stop(Target),
+}
+
+#[derive(Args)]
+#[command(after_long_help = "\
+A running VM is found by its control socket: $XDG_RUNTIME_DIR/wisp/NAME.sock, else
+/run/wisp/NAME.sock for root, else /tmp/wisp-$UID/NAME.sock. The protocol is one line
+of JSON each way, e.g. {\"op\":\"status\"}; see docs/api.md.")]
+struct Target {
+    /// The VM's --name, or the path of its control socket (anything with a '/').
+    name: String,
 }
 
 #[derive(Args)]
@@ -135,6 +156,12 @@ struct RunArgs {
     /// card's index).
     #[arg(long, value_name = "user[,hostfwd=...]|tap=NAME|bridge=BR[,mac=MAC]")]
     net: Vec<String>,
+
+    /// Control socket path (mode 0600), for `wisp status/pause/resume/stop` and the JSON
+    /// API (docs/api.md). Default: $XDG_RUNTIME_DIR/wisp/NAME.sock, else
+    /// /run/wisp/NAME.sock for root, else /tmp/wisp-$UID/NAME.sock.
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
 }
 
 fn init_logging() {
@@ -205,6 +232,11 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         .clone()
         .unwrap_or_else(|| format!("wisp-{}", std::process::id()));
     config::check_name(&name)?;
+    let api_path = args
+        .api
+        .clone()
+        .unwrap_or_else(|| vmm::api::socket_path(&name));
+    let api = vmm::api::ApiServer::bind(&api_path)?;
     let (kernel, initrd) = resolve_kernel(&args)?;
     check_readable("kernel", &kernel)?;
     if let Some(i) = &initrd {
@@ -276,7 +308,8 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         vm.entry()
     );
     RAW_TERMINAL.store(console.is_raw(), Ordering::Relaxed);
-    let outcome = vm.run(console.input.take());
+    log::debug!("control socket {}", api.path().display());
+    let outcome = vm.run(console.input.take(), Some(api));
     drop(console);
     RAW_TERMINAL.store(false, Ordering::Relaxed);
     let outcome = outcome?;
@@ -285,6 +318,42 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         o => log::info!("{}: {}", config.name, o.describe()),
     }
     Ok(u8::try_from(outcome.exit_code()).unwrap_or(1))
+}
+
+fn control(target: &Target, req: vmm::api::Request) -> Result<u8> {
+    let s = vmm::api::call(&target.name, &req)?;
+    match req {
+        vmm::api::Request::Status => print_status(&[s]),
+        _ => println!(
+            "{}: {}",
+            s.name,
+            if req == vmm::api::Request::Stop {
+                "stopping"
+            } else {
+                &s.state
+            }
+        ),
+    }
+    Ok(0)
+}
+
+fn print_status(list: &[vmm::api::Status]) {
+    println!(
+        "{:<20} {:<8} {:>5} {:>10} {:>10} {:>8}",
+        "NAME", "STATE", "CPUS", "MEMORY", "UPTIME", "PID"
+    );
+    for s in list {
+        let up = s.uptime_s as u64;
+        println!(
+            "{:<20} {:<8} {:>5} {:>7} MiB {:>10} {:>8}",
+            s.name,
+            s.state,
+            s.cpus,
+            s.memory_mib,
+            format!("{}:{:02}:{:02}", up / 3600, up / 60 % 60, up % 60),
+            s.pid
+        );
+    }
 }
 
 fn doctor() -> Result<u8> {
@@ -318,6 +387,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args, start),
         Command::Doctor => doctor(),
+        Command::Ls => {
+            let list: Vec<_> = vmm::api::list().into_iter().map(|(_, s)| s).collect();
+            print_status(&list);
+            Ok(0)
+        }
+        Command::Status(t) => control(&t, vmm::api::Request::Status),
+        Command::Pause(t) => control(&t, vmm::api::Request::Pause),
+        Command::Resume(t) => control(&t, vmm::api::Request::Resume),
+        Command::Stop(t) => control(&t, vmm::api::Request::Stop),
     };
     match result {
         Ok(code) => ExitCode::from(code),

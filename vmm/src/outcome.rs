@@ -16,13 +16,17 @@ pub enum Outcome {
     Quit,
     /// wisp got a termination signal.
     Signal(i32),
+    /// A `stop` request on the control socket.
+    Stopped,
 }
 
 impl Outcome {
     /// The process exit status for this outcome.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::Guest(StopReason::Reset | StopReason::PowerOff) | Outcome::Quit => 0,
+            Outcome::Guest(StopReason::Reset | StopReason::PowerOff)
+            | Outcome::Quit
+            | Outcome::Stopped => 0,
             Outcome::Guest(StopReason::ExitCode(c)) => i32::from(*c),
             Outcome::Crash(_) => 1,
             Outcome::Signal(s) => 128 + s,
@@ -38,6 +42,7 @@ impl Outcome {
             Outcome::Crash(why) => format!("guest crashed: {why}"),
             Outcome::Quit => "quit from the console".into(),
             Outcome::Signal(s) => format!("stopped by signal {s}"),
+            Outcome::Stopped => "stopped through the control socket".into(),
         }
     }
 }

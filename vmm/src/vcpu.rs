@@ -7,7 +7,7 @@
 //! check and KVM_RUN.
 
 use std::cell::Cell;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -24,6 +24,7 @@ use crate::arch::cpuid::{normalize, VcpuTopology};
 use crate::arch::regs::{self, EntryPoint};
 use crate::memory::GuestMemory;
 use crate::outcome::{ExitLatch, Outcome};
+use crate::run_control::RunControl;
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const INT3_OPCODE: u8 = 0xcc;
@@ -188,24 +189,28 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the vCPU thread. It runs until `stop` is set (and the thread kicked) or the
-    /// guest stops or crashes, which it reports to `latch`.
+    /// Starts the vCPU thread. It runs until `control` says stop (and the thread is
+    /// kicked) or the guest stops or crashes, which it reports to `latch`; it parks while
+    /// `control` asks for a pause.
     pub fn spawn(
         self,
-        stop: Arc<AtomicBool>,
+        control: Arc<RunControl>,
         latch: Arc<ExitLatch>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&stop, &latch))
+            .spawn(move || {
+                self.run(&control, &latch);
+                control.exited();
+            })
             .map_err(|e| VcpuError::Spawn(index, e))
     }
 
-    fn run(mut self, stop: &AtomicBool, latch: &ExitLatch) {
+    fn run(mut self, control: &RunControl, latch: &ExitLatch) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|p| p.set(run_ptr));
-        while !stop.load(Ordering::Acquire) {
+        while control.checkpoint() {
             let next = self.run_once();
             let next = match next {
                 Next::EmulationFailure => self.handle_emulation_failure(),

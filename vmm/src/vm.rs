@@ -1,7 +1,6 @@
 //! Building a VM from a [`VmConfig`] and running it: memory, kernel, boot structures,
 //! in-kernel irqchip and PIT, legacy devices, vCPU threads, and the VMM event loop.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,8 +16,8 @@ use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::Killable;
 
+use crate::api::ApiServer;
 use crate::arch::acpi::{self, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 use crate::arch::boot::{self, BootInfo};
 use crate::arch::layout::{CMDLINE_START, KVM_TSS_ADDRESS};
@@ -28,12 +27,13 @@ use crate::cmdline;
 use crate::config::VmConfig;
 use crate::console::Input;
 use crate::device_manager::{self, DeviceManagerError};
-use crate::event_loop::EventLoop;
+use crate::event_loop::{EventLoop, VmInfo};
 use crate::loader;
 use crate::memory::{self, GuestMemory};
 use crate::outcome::{ExitLatch, Outcome};
+use crate::run_control::{RunControl, VcpuThreads};
 use crate::signals::SignalFd;
-use crate::vcpu::{self, kick_signal, Vcpu};
+use crate::vcpu::{self, Vcpu};
 
 /// COM1's port base and IRQ.
 pub const SERIAL_PORT: u16 = 0x3f8;
@@ -108,6 +108,7 @@ pub struct Vm {
     latch: Arc<ExitLatch>,
     boot_time: Arc<OnceLock<Duration>>,
     entry: EntryPoint,
+    info: Option<VmInfo>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -237,6 +238,12 @@ impl Vm {
             latch,
             boot_time,
             entry: kernel.entry,
+            info: Some(VmInfo {
+                name: config.name.clone(),
+                cpus: config.cpus,
+                memory_mib: config.memory_mib,
+                start: opts.start,
+            }),
         })
     }
 
@@ -250,8 +257,9 @@ impl Vm {
         self.boot_time.clone()
     }
 
-    /// Runs the VM until the guest stops, crashes, or the user or a signal ends it.
-    pub fn run(mut self, input: Option<Input>) -> Result<Outcome, VmError> {
+    /// Runs the VM until the guest stops, crashes, or the user, a signal or the control
+    /// socket `api` ends it.
+    pub fn run(mut self, input: Option<Input>, api: Option<ApiServer>) -> Result<Outcome, VmError> {
         vcpu::install_kick_handler()?;
         let signals = SignalFd::new()?;
         let mut event_loop = EventLoop::new(
@@ -261,12 +269,13 @@ impl Vm {
             signals,
             input,
             std::mem::take(&mut self.virtio),
+            api.zip(self.info.take()),
         )?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let control = Arc::new(RunControl::default());
+        let mut threads = VcpuThreads::new(control.clone(), self.vcpus.len());
         let mut spawn_error = None;
         for vcpu in self.vcpus.drain(..) {
-            match vcpu.spawn(stop.clone(), self.latch.clone()) {
+            match vcpu.spawn(control.clone(), self.latch.clone()) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     spawn_error = Some(e);
@@ -276,18 +285,9 @@ impl Vm {
         }
         let result = match spawn_error {
             Some(e) => Err(e.into()),
-            None => event_loop.run().map_err(VmError::from),
+            None => event_loop.run(&threads).map_err(VmError::from),
         };
-        stop.store(true, Ordering::Release);
-        for t in &threads {
-            // A thread that already exited cannot be signalled; nothing to do then.
-            let _ = t.kill(kick_signal());
-        }
-        for t in threads {
-            if t.join().is_err() {
-                log::error!("a vCPU thread panicked");
-            }
-        }
+        threads.stop();
         result
     }
 }

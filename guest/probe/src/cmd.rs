@@ -7,7 +7,7 @@
 use crate::blk::{self, Bad};
 use crate::bootinfo::BootInfo;
 use crate::serial::Escaped;
-use crate::{io, net, netproto, status, virtio};
+use crate::{counter, io, net, netproto, status, tsc, virtio};
 
 const PARAM: &[u8] = b"probe.cmd=";
 const DEFAULT_LIST: &[u8] = b"hello";
@@ -66,6 +66,14 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
             Some(n) if n > 0 => readin(n),
             _ => usage_error(item, "byte count must be 1..16777216"),
         },
+        (b"counter", arg) => match parse_counter(arg) {
+            Some((mib, rounds)) => counter::run(boot, mib, rounds),
+            None => usage_error(item, "use counter[:MIB[:ROUNDS]] with MIB 1..1024"),
+        },
+        (b"tsc", None) => {
+            let (hz, source) = tsc::frequency();
+            println!("probe: tsc khz={} source={}", hz / 1000, source.name());
+        }
         (b"bootdone", None) => {
             io::boot_done();
             println!("probe: bootdone");
@@ -82,9 +90,10 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
             // exception path ends the run.
             unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
         }
-        (b"hello" | b"meminfo" | b"e820" | b"cmdline" | b"boot" | b"bootdone", Some(_)) => {
-            usage_error(item, "takes no argument")
-        }
+        (
+            b"hello" | b"meminfo" | b"e820" | b"cmdline" | b"boot" | b"bootdone" | b"tsc",
+            Some(_),
+        ) => usage_error(item, "takes no argument"),
         (b"exit", None) => usage_error(item, "needs an argument: exit:N"),
         (b"readin", None) => usage_error(item, "needs an argument: readin:N"),
         (b"fault", Some(_)) => usage_error(item, "use fault, fault:pf, fault:gp or fault:ud"),
@@ -177,6 +186,21 @@ fn readin(n: u32) {
 /// 32-bit FNV-1a parameters.
 const FNV_OFFSET_BASIS: u32 = 0x811c_9dc5;
 const FNV_PRIME: u32 = 0x0100_0193;
+
+/// `counter` arguments: `None` or `MIB` or `MIB:ROUNDS` (MIB 1..=1024,
+/// default 4; ROUNDS any u64, default 0 = forever).
+fn parse_counter(arg: Option<&[u8]>) -> Option<(u64, u64)> {
+    let Some(arg) = arg else {
+        return Some((counter::DEFAULT_MIB, 0));
+    };
+    let mut parts = arg.splitn(2, |&b| b == b':');
+    let mib = parse_u64(parts.next()?, counter::MAX_MIB).filter(|&m| m > 0)?;
+    let rounds = match parts.next() {
+        Some(r) => parse_u64(r, u64::MAX)?,
+        None => 0,
+    };
+    Some((mib, rounds))
+}
 
 /// Reads just past the probe's identity map: #PF (status 0xee).
 fn fault_pf() {

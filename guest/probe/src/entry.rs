@@ -54,6 +54,7 @@ core::arch::global_asm!(
     .set CR0_TS, 1 << 3
     .set CR0_NE, 1 << 5
     .set CR0_PG, 1 << 31
+    .set CR4_TSD, 1 << 2
     .set CR4_PAE, 1 << 5
     .set CR4_OSFXSR, 1 << 9
     .set CR4_OSXMMEXCPT, 1 << 10
@@ -207,6 +208,8 @@ probe_start64:
     lea probe_pml4(%rip), %rax
     mov %rax, %cr3
     mov %cr4, %rax
+    // TSD clear: `rdtsc` must work in CPL3 (tsc.rs).
+    and $~CR4_TSD, %rax
     or $(CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT), %rax
     mov %rax, %cr4
     mov %cr0, %rax

@@ -14,12 +14,14 @@ mod serial;
 mod blk;
 mod bootinfo;
 mod cmd;
+mod counter;
 mod cpu;
 mod entry;
 mod io;
 mod mem;
 mod net;
 mod netproto;
+mod tsc;
 mod virtio;
 mod virtqueue;
 
@@ -40,7 +42,8 @@ pub mod status {
     /// A virtio device misbehaved: init failed, DEVICE_NEEDS_RESET
     /// outside `blk-bad`, or a bad used-ring entry.
     pub const DEVICE_ERROR: u8 = 7;
-    /// A data check failed (`blk-verify` mismatch, `net-recv` gap).
+    /// A data check failed (`blk-verify` mismatch, `net-recv` gap,
+    /// `counter` corruption, `net-dhcp` NAK).
     pub const CHECK_FAILED: u8 = 8;
     /// CPU exception: status is `EXCEPTION_BASE + vector` (vector 0..31,
     /// so 0xe0..=0xff; e.g. page fault = 0xee = 238).

@@ -1,6 +1,11 @@
 //! The VMM thread's epoll loop: the exit latch, console input (paced by the UART's
-//! "input drained" event), termination signals, and the virtio devices' queue
-//! notifications (ioeventfds) and backends (TAPs, edge-triggered).
+//! "input drained" event), termination signals, the control socket (control.rs), and
+//! the virtio devices' queue notifications (ioeventfds) and backends (TAPs, passt;
+//! edge-triggered).
+
+mod control;
+
+pub use control::VmInfo;
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
@@ -15,12 +20,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::{EscapeFilter, Input, InputSource};
 use crate::outcome::{ExitLatch, Outcome};
+use crate::run_control::VcpuThreads;
 use crate::signals::SignalFd;
 
 const TOKEN_LATCH: u64 = 0;
 const TOKEN_INPUT: u64 = 1;
 const TOKEN_DRAINED: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
+const TOKEN_API: u64 = 4;
 const READ_CHUNK: usize = 4096;
 /// Device tokens: `TOKEN_DEVICES + device * DEVICE_TOKENS + queue`, and the backend at
 /// `... + BACKEND_SUB`.
@@ -68,11 +75,15 @@ pub struct EventLoop {
     devices: Vec<Arc<Mutex<MmioTransport>>>,
     /// Per device: the backend fd being watched and its generation.
     backends: Vec<Option<(RawFd, u64)>>,
+    api: Option<control::Api>,
+    /// While paused: device events seen, per device (queue bits, backend epoll mask).
+    pending: Option<Vec<(u64, u32)>>,
 }
 
 impl EventLoop {
-    /// A loop over `latch`, the UART's drained event, `signals`, console `input` and the
-    /// virtio `devices`.
+    /// A loop over `latch`, the UART's drained event, `signals`, console `input`, the
+    /// virtio `devices` and the control socket `api`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         latch: Arc<ExitLatch>,
         serial: Arc<Mutex<SerialDevice>>,
@@ -80,6 +91,7 @@ impl EventLoop {
         signals: SignalFd,
         input: Option<Input>,
         devices: Vec<Arc<Mutex<MmioTransport>>>,
+        api: Option<(crate::api::ApiServer, VmInfo)>,
     ) -> Result<Self, EventLoopError> {
         let epoll = Epoll::new()?;
         let add = |fd: RawFd, token: u64| {
@@ -92,6 +104,9 @@ impl EventLoop {
         add(latch.eventfd().as_raw_fd(), TOKEN_LATCH)?;
         add(drained.as_raw_fd(), TOKEN_DRAINED)?;
         add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
+        if let Some((server, _)) = &api {
+            add(server.listener().as_raw_fd(), TOKEN_API)?;
+        }
         let mut backends = Vec::with_capacity(devices.len());
         for (d, dev) in devices.iter().enumerate() {
             let base = TOKEN_DEVICES + d as u64 * DEVICE_TOKENS;
@@ -122,11 +137,13 @@ impl EventLoop {
             console,
             devices,
             backends,
+            api: api.map(|(server, info)| control::Api { server, info }),
+            pending: None,
         })
     }
 
     /// Runs until something reports an outcome.
-    pub fn run(&mut self) -> Result<Outcome, EventLoopError> {
+    pub fn run(&mut self, vcpus: &VcpuThreads) -> Result<Outcome, EventLoopError> {
         self.feed()?;
         let mut events = vec![EpollEvent::default(); 32];
         loop {
@@ -144,8 +161,11 @@ impl EventLoop {
                     TOKEN_DRAINED => {
                         // The counter only wakes us; its value does not matter.
                         let _ = self.drained.read();
-                        self.feed()?;
+                        if self.pending.is_none() {
+                            self.feed()?;
+                        }
                     }
+                    TOKEN_API => self.control_requests(vcpus)?,
                     TOKEN_SIGNAL => {
                         if let Some(signo) = self.signals.read() {
                             self.latch.set(Outcome::Signal(signo));
@@ -165,6 +185,16 @@ impl EventLoop {
             return Ok(());
         };
         let mut dev = lock(dev);
+        if let Some(pending) = self.pending.as_mut().and_then(|p| p.get_mut(index)) {
+            // Paused: remember the event, process it on resume.
+            if sub == BACKEND_SUB {
+                pending.1 |= events;
+            } else if let Some(evt) = dev.queue_evts().get(sub as usize) {
+                let _ = evt.read();
+                pending.0 |= 1 << sub;
+            }
+            return Ok(());
+        }
         if sub == BACKEND_SUB {
             dev.backend_event(events);
         } else {
