@@ -203,6 +203,13 @@ impl Session {
         }
     }
 
+    /// Takes in whatever output arrives within `timeout` (nothing is an answer too).
+    pub fn poll(&mut self, timeout: Duration) {
+        if let Ok(c) = self.chunks.recv_timeout(timeout) {
+            self.seen.push_str(&String::from_utf8_lossy(&c));
+        }
+    }
+
     /// wisp's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -68,6 +68,7 @@ pub fn run(boot: &BootInfo, mib: u64, rounds: u64) {
         unsafe { fill(page_ptr(start, p), 0, p) };
         step(&mut pace, 0, p);
     }
+    pace.line_if(pace.min_gap, 0);
     let mut r: u64 = 1;
     loop {
         for p in 0..pages {
