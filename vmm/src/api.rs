@@ -1,5 +1,5 @@
 //! The control socket: every `wisp run` listens on a unix socket (mode 0600) for
-//! one-line JSON requests, answered with one line of JSON. See docs/api.md.
+//! one-line JSON requests, answered with one line of JSON. The README's "Control socket" section documents it.
 //!
 //! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`, `{"op":"stop"}`.
 //! Answers: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.

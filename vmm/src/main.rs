@@ -60,7 +60,7 @@ enum Command {
 #[command(after_long_help = "\
 A running VM is found by its control socket: $XDG_RUNTIME_DIR/wisp/NAME.sock, else
 /run/wisp/NAME.sock for root, else /tmp/wisp-$UID/NAME.sock. The protocol is one line
-of JSON each way, e.g. {\"op\":\"status\"}; see docs/api.md.")]
+of JSON each way, e.g. {\"op\":\"status\"}; see the Control socket section of the README.")]
 struct Target {
     /// The VM's --name, or the path of its control socket (anything with a '/').
     name: String,
@@ -158,7 +158,7 @@ struct RunArgs {
     net: Vec<String>,
 
     /// Control socket path (mode 0600), for `wisp status/pause/resume/stop` and the JSON
-    /// API (docs/api.md). Default: $XDG_RUNTIME_DIR/wisp/NAME.sock, else
+    /// API (README, "Control socket"). Default: $XDG_RUNTIME_DIR/wisp/NAME.sock, else
     /// /run/wisp/NAME.sock for root, else /tmp/wisp-$UID/NAME.sock.
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
