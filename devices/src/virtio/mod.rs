@@ -137,10 +137,16 @@ pub trait VirtioDevice: Send {
     /// The driver accepted `features` (a subset of [`VirtioDevice::features`]); called
     /// when it sets FEATURES_OK.
     fn set_acked_features(&mut self, features: u64);
+    /// The device configuration space, as the driver reads it.
+    fn config_space(&self) -> &[u8];
     /// Reads the device configuration space; bytes past its end read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes the device configuration space (most devices ignore writes).
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(self.config_space(), offset, data);
+    }
+    /// Writes the device configuration space; wisp's devices have no writable fields.
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        log::debug!("{}: config write at {offset:#x} ignored", self.name());
+    }
     /// The driver set DRIVER_OK: prepare the backend for the negotiated features. Runs on
     /// a vCPU thread, so it must not process queues: the transport then signals every
     /// queue's eventfd and the event loop does that.

@@ -14,8 +14,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::{
-    chain, read_config_bytes, DeviceError, LogLimiter, QueueContext, VirtioDevice, F_EVENT_IDX,
-    F_VERSION_1, QUEUE_MAX_SIZE, TYPE_BLOCK,
+    chain, DeviceError, LogLimiter, QueueContext, VirtioDevice, F_EVENT_IDX, F_VERSION_1,
+    QUEUE_MAX_SIZE, TYPE_BLOCK,
 };
 
 /// Sector size of the virtio-blk protocol.
@@ -188,12 +188,8 @@ impl VirtioDevice for Block {
         self.acked = features;
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        log::debug!("{}: config write at {offset:#x} ignored", self.name);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn activate(&mut self, _ctx: QueueContext) -> Result<(), DeviceError> {

@@ -28,10 +28,9 @@ impl VirtioDevice for Mock {
     fn set_acked_features(&mut self, features: u64) {
         self.acked = features;
     }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::virtio::read_config_bytes(&[0xaa, 0xbb], offset, data);
+    fn config_space(&self) -> &[u8] {
+        &[0xaa, 0xbb]
     }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(&mut self, _ctx: QueueContext) -> Result<(), DeviceError> {
         Ok(())
     }

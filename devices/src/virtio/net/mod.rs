@@ -35,8 +35,8 @@ use self::backend::{is_disconnect, Backend};
 use self::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::chain::{self, Desc};
 use super::{
-    read_config_bytes, DeviceError, GuestMemory, LogLimiter, QueueContext, VirtioDevice,
-    F_EVENT_IDX, F_VERSION_1, QUEUE_MAX_SIZE, TYPE_NET,
+    DeviceError, GuestMemory, LogLimiter, QueueContext, VirtioDevice, F_EVENT_IDX, F_VERSION_1,
+    QUEUE_MAX_SIZE, TYPE_NET,
 };
 
 /// VIRTIO_NET_F_MRG_RXBUF: a frame may span several RX chains.
@@ -317,12 +317,8 @@ impl VirtioDevice for Net {
         self.acked = features;
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        log::debug!("{}: config write at {offset:#x} ignored", self.name);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn activate(&mut self, _ctx: QueueContext) -> Result<(), DeviceError> {
