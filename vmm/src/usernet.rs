@@ -369,8 +369,7 @@ impl Passt {
                 .name("passt-log".into())
                 .spawn(move || {
                     for line in BufReader::new(err).lines().map_while(Result::ok) {
-                        // passt also tries syslog, which may not exist; that is noise.
-                        if line.contains("to syslog") || line.contains("Changing to nobody") {
+                        if is_noise(&line) {
                             continue;
                         }
                         log::warn!("passt[{pid}]: {line}");
@@ -385,6 +384,12 @@ impl Passt {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// passt lines not worth showing: it also tries syslog, which may not exist, and it
+/// says so when it drops root for `nobody`.
+fn is_noise(line: &str) -> bool {
+    line.contains("to syslog") || line.contains("Changing to nobody")
 }
 
 /// Waits until passt has written its pid file; if it exits first, returns its reason.
@@ -404,7 +409,7 @@ fn wait_ready(child: &mut Child, pid_file: &std::path::Path) -> Result<(), UserN
             }
             let reason = text
                 .lines()
-                .filter(|l| !l.contains("syslog") && !l.contains("Changing to nobody"))
+                .filter(|l| !is_noise(l))
                 .map(str::trim)
                 .rfind(|l| !l.is_empty())
                 .map(str::to_string)

@@ -97,16 +97,6 @@ pub struct QueueContext<'a> {
 }
 
 impl QueueContext<'_> {
-    /// The same context for a shorter borrow (to pass it on and keep using it).
-    pub fn reborrow(&mut self) -> QueueContext<'_> {
-        QueueContext {
-            mem: self.mem,
-            queues: &mut *self.queues,
-            irq: &mut *self.irq,
-            config_generation: &mut *self.config_generation,
-        }
-    }
-
     /// The device changed its configuration space (e.g. link status): bump the
     /// generation and raise a configuration interrupt.
     pub fn config_changed(&mut self) {

@@ -34,20 +34,6 @@ pub struct StreamBackend {
 }
 
 impl StreamBackend {
-    fn flush_pending(&mut self) -> io::Result<()> {
-        while self.tx_pos < self.tx_pending.len() {
-            match self.stream.write(&self.tx_pending[self.tx_pos..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.tx_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.tx_pending.clear();
-        self.tx_pos = 0;
-        Ok(())
-    }
-
     /// A backend on `stream` (made non-blocking here); `label` names the peer in logs,
     /// `reconnect` replaces a dead connection.
     pub fn new(label: String, stream: UnixStream, reconnect: Reconnect) -> io::Result<Self> {
@@ -124,12 +110,23 @@ impl Backend for StreamBackend {
         }
     }
 
+    /// Writes out what is left of a partially written frame.
     fn flush(&mut self) -> io::Result<()> {
-        self.flush_pending()
+        while self.tx_pos < self.tx_pending.len() {
+            match self.stream.write(&self.tx_pending[self.tx_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.tx_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.tx_pending.clear();
+        self.tx_pos = 0;
+        Ok(())
     }
 
     fn write_frame(&mut self, frame: &mut [u8]) -> io::Result<()> {
-        self.flush_pending()?;
+        self.flush()?;
         let len = frame.len().checked_sub(VNET_HDR_LEN).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, "frame shorter than its header")
         })?;
