@@ -1,7 +1,8 @@
 //! The control socket: every `wisp run` listens on a unix socket (mode 0600) for
 //! one-line JSON requests, answered with one line of JSON. The README's "Control socket" section documents it.
 //!
-//! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`, `{"op":"stop"}`.
+//! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`, `{"op":"stop"}`,
+//! `{"op":"snapshot","to":"/abs/dir","force":false,"stop":false}`.
 //! Answers: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -73,6 +74,30 @@ pub enum Request {
     Resume,
     /// End the VM (exit status 0).
     Stop,
+    /// Pause, write a snapshot to `to`, then resume (or stop with `stop`, or stay
+    /// paused if the VM was paused already).
+    Snapshot {
+        /// The snapshot directory (absolute: the VM's working directory is not the
+        /// client's).
+        to: PathBuf,
+        /// Replace `to` if it exists.
+        #[serde(default)]
+        force: bool,
+        /// Stop the VM once the snapshot is written.
+        #[serde(default)]
+        stop: bool,
+    },
+}
+
+impl Request {
+    /// How long a client waits for the answer.
+    fn timeout(&self) -> Duration {
+        match self {
+            // Writing guest memory takes time on slow disks.
+            Request::Snapshot { .. } => Duration::from_secs(600),
+            _ => Duration::from_secs(30),
+        }
+    }
 }
 
 /// What `status` reports.
@@ -103,6 +128,9 @@ pub struct Response {
     /// Why not.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// What a snapshot wrote.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub snapshot: Option<crate::snapshot::SnapshotSummary>,
 }
 
 /// Where control sockets live: `$XDG_RUNTIME_DIR/wisp`, else `/run/wisp` for root,
@@ -206,6 +234,7 @@ impl ApiServer {
                         ok: false,
                         status: None,
                         error: Some(why),
+                        snapshot: None,
                     },
                 ),
             }
@@ -245,7 +274,7 @@ pub fn answer(mut stream: UnixStream, r: &Response) {
 }
 
 /// Client side: sends `req` to the VM at `name_or_path` and returns its answer.
-pub fn call(name_or_path: &str, req: &Request) -> Result<Status, ApiError> {
+pub fn call(name_or_path: &str, req: &Request) -> Result<Response, ApiError> {
     let path = resolve(name_or_path);
     let io_err = |source| ApiError::Io {
         path: path.clone(),
@@ -256,7 +285,7 @@ pub fn call(name_or_path: &str, req: &Request) -> Result<Status, ApiError> {
         path: path.clone(),
     })?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(req.timeout()))
         .map_err(io_err)?;
     let mut line = serde_json::to_string(req).map_err(|e| io_err(io::Error::other(e)))?;
     line.push('\n');
@@ -267,9 +296,9 @@ pub fn call(name_or_path: &str, req: &Request) -> Result<Status, ApiError> {
         .map_err(io_err)?;
     let r: Response = serde_json::from_str(reply.trim())
         .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-    match (r.ok, r.status, r.error) {
-        (true, Some(s), _) => Ok(s),
-        (_, _, Some(e)) => Err(ApiError::Refused(e)),
+    match (r.ok, &r.status, &r.error) {
+        (true, Some(_), _) => Ok(r),
+        (_, _, Some(e)) => Err(ApiError::Refused(e.clone())),
         _ => Err(io_err(io::Error::new(
             io::ErrorKind::InvalidData,
             "answer without status",
@@ -287,7 +316,7 @@ pub fn list() -> Vec<(PathBuf, Status)> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "sock"))
         .filter_map(|p| {
-            let s = call(p.to_str()?, &Request::Status).ok()?;
+            let s = call(p.to_str()?, &Request::Status).ok()?.status?;
             Some((p, s))
         })
         .collect();

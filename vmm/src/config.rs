@@ -112,6 +112,67 @@ pub enum ConfigError {
         "{0} disks and network cards are too many; wisp supports at most {MAX_VIRTIO_DEVICES}"
     )]
     TooManyDevices(usize),
+    /// Restore overrides that do not fit the snapshot.
+    #[error("{0}")]
+    BadOverride(String),
+}
+
+impl VmConfig {
+    /// Gives every network card without `mac=` its derived MAC, so the configuration
+    /// says what the guest sees (a snapshot restored under another name keeps it).
+    pub fn resolve_macs(&mut self) {
+        for (i, net) in self.nets.iter_mut().enumerate() {
+            net.mac
+                .get_or_insert_with(|| MacAddr::derived(&format!("{}/{i}", self.name)));
+        }
+    }
+
+    /// Applies `wisp restore` overrides: new disk image paths (`disks`, one per disk,
+    /// in order, paths only: the guest already knows the disks' options) and new
+    /// network backends (`nets`, one per card, in order; the MAC stays the one the
+    /// guest knows). Empty lists keep the snapshot's.
+    pub fn override_devices(
+        &mut self,
+        disks: &[String],
+        nets: &[String],
+    ) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::BadOverride(m));
+        if !disks.is_empty() {
+            if disks.len() != self.disks.len() {
+                return bad(format!(
+                    "the snapshot has {} disk(s); give --disk once per disk, in order, or not at all",
+                    self.disks.len()
+                ));
+            }
+            for (disk, path) in self.disks.iter_mut().zip(disks) {
+                if path.is_empty() || path.contains(',') {
+                    return bad(format!(
+                        "--disk {path:?}: on restore only the image path can change (the guest already knows ro and id)"
+                    ));
+                }
+                disk.path = PathBuf::from(path);
+            }
+        }
+        if !nets.is_empty() {
+            if nets.len() != self.nets.len() {
+                return bad(format!(
+                    "the snapshot has {} network card(s); give --net once per card, in order, or not at all",
+                    self.nets.len()
+                ));
+            }
+            for (card, spec) in self.nets.iter_mut().zip(nets) {
+                let new = parse_net(spec)?;
+                if new.mac.is_some() && new.mac != card.mac {
+                    return bad(format!(
+                        "--net {spec:?}: the guest knows this card as {}; a restore cannot change its MAC",
+                        card.mac.map(|m| m.to_string()).unwrap_or_default()
+                    ));
+                }
+                card.backend = new.backend;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Limits that come from the host.
@@ -370,6 +431,45 @@ mod tests {
         assert!(e.contains("hostfwd=tcp::2222"), "{e}");
         assert!(check_devices(8, 8).is_ok());
         assert!(check_devices(9, 8).is_err());
+    }
+
+    #[test]
+    fn restore_overrides() {
+        let mut c = VmConfig {
+            name: "a".into(),
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory_mib: 64,
+            disks: vec![parse_disk("one.img,ro,id=x").unwrap()],
+            nets: vec![parse_net("tap=t0").unwrap()],
+        };
+        c.resolve_macs();
+        let mac = c.nets[0].mac;
+        assert!(mac.is_some());
+        c.name = "b".into();
+        c.resolve_macs();
+        assert_eq!(c.nets[0].mac, mac, "a resolved MAC survives a rename");
+        c.override_devices(&["two.img".into()], &["bridge=br0".into()])
+            .unwrap();
+        assert_eq!(c.disks[0].path, PathBuf::from("two.img"));
+        assert!(c.disks[0].read_only);
+        assert_eq!(c.nets[0].backend, NetBackend::Bridge("br0".into()));
+        assert_eq!(c.nets[0].mac, mac);
+        c.override_devices(&[], &[]).unwrap();
+        for (disks, nets) in [
+            (vec!["a".to_string(), "b".to_string()], vec![]),
+            (vec!["a,ro".to_string()], vec![]),
+            (vec![], vec!["tap=t1".to_string(), "tap=t2".to_string()]),
+            (vec![], vec!["tap=t1,mac=52:54:00:00:00:09".to_string()]),
+            (vec![], vec!["nonsense".to_string()]),
+        ] {
+            assert!(
+                c.override_devices(&disks, &nets).is_err(),
+                "{disks:?} {nets:?}"
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use vmm::config::{self, HostLimits, VmConfig};
 use vmm::console::{Console, ConsoleSpec};
 use vmm::host::{self, measure_kernel_mode};
 use vmm::outcome::Outcome;
+use vmm::restore::RestoreOptions;
 use vmm::vm::{BuildOptions, Vm};
 
 /// Iterations of the timing guest `wisp run` uses to detect emulated kernel mode
@@ -54,6 +55,75 @@ enum Command {
     Resume(Target),
     /// Stop a VM (wisp exits with status 0, as if the guest had powered off).
     Stop(Target),
+    /// Write a snapshot of a running VM to a directory: pause, save, resume.
+    Snapshot(SnapshotArgs),
+    /// Start a VM from a snapshot directory, where it was when the snapshot was taken.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+#[command(after_long_help = "\
+The VM is paused (all vCPUs at a consistent point, device queues held), its state and
+memory are written, and it resumes; with --stop it exits instead, and a VM that was
+already paused stays paused. DIR receives two files: `state` (CPU, device and machine
+state, checksummed) and `memory` (guest RAM, sparse: zero pages take no disk space).
+Both are mode 0600: the memory file holds everything the guest had in RAM.
+The snapshot is written to DIR.partial-PID and renamed to DIR when complete; a failed
+snapshot leaves nothing behind and the VM running. See the README, Snapshots.
+
+EXAMPLES:
+  wisp snapshot vm1 --to /var/tmp/vm1.snap
+  wisp snapshot vm1 --to /var/tmp/vm1.snap --force --stop")]
+struct SnapshotArgs {
+    /// The VM's --name, or the path of its control socket.
+    name: String,
+    /// The snapshot directory to create.
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// Replace DIR if it exists (only once the new snapshot is complete).
+    #[arg(long)]
+    force: bool,
+    /// Stop the VM once the snapshot is written.
+    #[arg(long)]
+    stop: bool,
+}
+
+#[derive(Args)]
+#[command(after_long_help = "\
+The snapshot's state file is checked (format version, checksum) and its memory file
+(size, digest of the data pages) before anything starts; any mismatch is an error and
+nothing runs. Guest memory maps the memory file copy-on-write (MAP_PRIVATE): pages load
+when the guest touches them and the snapshot never changes, so it can be restored many
+times, also side by side (give each copy its own --name).
+
+The machine configuration (vCPUs, memory, disks, network cards, MACs) comes from the
+snapshot. Disks reopen at their saved paths and network backends reattach (a new TAP
+or passt); --disk and --net replace them, once per device in the original order.
+
+EXAMPLES:
+  wisp restore /var/tmp/vm1.snap
+  wisp restore /var/tmp/vm1.snap --name vm1-copy --net tap=tap1
+  wisp restore /var/tmp/vm1.snap --disk /var/tmp/copy-of-root.img")]
+struct RestoreArgs {
+    /// The snapshot directory (written by `wisp snapshot`).
+    dir: PathBuf,
+    /// Name of the restored VM (default: the snapshot's). Two VMs cannot share a name.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// A new image path for each disk, in order (paths only; the guest keeps the disks'
+    /// options).
+    #[arg(long, value_name = "PATH")]
+    disk: Vec<String>,
+    /// A new backend for each network card, in order, as for `wisp run --net` (the MAC
+    /// stays the one the guest knows). E.g. a new TAP, since the old one may be taken.
+    #[arg(long, value_name = "user[,hostfwd=...]|tap=NAME|bridge=BR")]
+    net: Vec<String>,
+    /// Where the serial console goes, as for `wisp run`.
+    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio")]
+    console: ConsoleSpec,
+    /// Control socket path, as for `wisp run`.
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -242,14 +312,7 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
     if let Some(i) = &initrd {
         check_readable("initrd", i)?;
     }
-    let kvm = host::open_kvm()?;
-    let missing = host::missing_caps(&kvm, host::REQUIRED_CAPS);
-    if !missing.is_empty() {
-        bail!(
-            "this host's KVM lacks {} (see `wisp doctor`)",
-            missing.join(", ")
-        );
-    }
+    let kvm = open_checked_kvm()?;
     let limits = HostLimits {
         max_vcpus: kvm.get_max_vcpus() as u64,
         ram_mib: config::host_ram_mib().unwrap_or(u64::MAX),
@@ -275,7 +338,7 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
             speed.instructions_per_sec / 1e6
         );
     }
-    let config = VmConfig {
+    let mut config = VmConfig {
         name,
         kernel,
         initrd,
@@ -285,6 +348,7 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         disks,
         nets,
     };
+    config.resolve_macs();
     let mut console = Console::open(&args.console)?;
     let output = console
         .output
@@ -307,6 +371,11 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         config.kernel.display(),
         vm.entry()
     );
+    run_vm(vm, console, api, &config.name)
+}
+
+/// Runs a built or restored VM on `console` until it ends; returns wisp's exit status.
+fn run_vm(vm: Vm, mut console: Console, api: vmm::api::ApiServer, name: &str) -> Result<u8> {
     RAW_TERMINAL.store(console.is_raw(), Ordering::Relaxed);
     log::debug!("control socket {}", api.path().display());
     let outcome = vm.run(console.input.take(), Some(api));
@@ -315,13 +384,91 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
     let outcome = outcome?;
     match &outcome {
         Outcome::Crash(_) => bail!("{}", outcome.describe()),
-        o => log::info!("{}: {}", config.name, o.describe()),
+        o => log::info!("{name}: {}", o.describe()),
     }
     Ok(u8::try_from(outcome.exit_code()).unwrap_or(1))
 }
 
+fn open_checked_kvm() -> Result<kvm_ioctls::Kvm> {
+    let kvm = host::open_kvm()?;
+    let missing = host::missing_caps(&kvm, host::REQUIRED_CAPS);
+    if !missing.is_empty() {
+        bail!(
+            "this host's KVM lacks {} (see `wisp doctor`)",
+            missing.join(", ")
+        );
+    }
+    Ok(kvm)
+}
+
+fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
+    vmm::signals::block().context("cannot block termination signals")?;
+    let snapshot = vmm::snapshot::load(&args.dir)?;
+    let mut config = snapshot.state.config.clone();
+    if let Some(name) = &args.name {
+        config::check_name(name)?;
+        config.name = name.clone();
+    }
+    config.override_devices(&args.disk, &args.net)?;
+    let api_path = args
+        .api
+        .clone()
+        .unwrap_or_else(|| vmm::api::socket_path(&config.name));
+    let api = vmm::api::ApiServer::bind(&api_path)?;
+    let kvm = open_checked_kvm()?;
+    let mut console = Console::open(&args.console)?;
+    let output = console
+        .output
+        .take()
+        .context("console output already taken")?;
+    let mut snapshot = snapshot;
+    snapshot.state.config = config.clone();
+    let vm = Vm::restore(
+        kvm,
+        snapshot,
+        RestoreOptions {
+            start,
+            serial_output: output,
+        },
+    )?;
+    log::debug!(
+        "{}: restored from {} in {:.1} ms",
+        config.name,
+        args.dir.display(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    run_vm(vm, console, api, &config.name)
+}
+
+fn snapshot(args: SnapshotArgs) -> Result<u8> {
+    let to = std::path::absolute(&args.to)
+        .with_context(|| format!("bad snapshot path {}", args.to.display()))?;
+    vmm::snapshot::check_target(&to, args.force)?;
+    let req = vmm::api::Request::Snapshot {
+        to,
+        force: args.force,
+        stop: args.stop,
+    };
+    let r = vmm::api::call(&args.name, &req)?;
+    let (Some(st), Some(snap)) = (r.status, r.snapshot) else {
+        bail!("the VM answered without a snapshot report");
+    };
+    println!(
+        "{}: snapshot written to {} ({:.1} MiB on disk for {} MiB of RAM, {:.0} ms); VM {}",
+        st.name,
+        snap.path.display(),
+        snap.disk_bytes as f64 / f64::from(1 << 20),
+        snap.memory_bytes >> 20,
+        snap.took_s * 1e3,
+        if args.stop { "stopping" } else { &st.state }
+    );
+    Ok(0)
+}
+
 fn control(target: &Target, req: vmm::api::Request) -> Result<u8> {
-    let s = vmm::api::call(&target.name, &req)?;
+    let s = vmm::api::call(&target.name, &req)?
+        .status
+        .context("the VM answered without a status")?;
     match req {
         vmm::api::Request::Status => print_status(&[s]),
         _ => println!(
@@ -396,6 +543,8 @@ fn main() -> ExitCode {
         Command::Pause(t) => control(&t, vmm::api::Request::Pause),
         Command::Resume(t) => control(&t, vmm::api::Request::Resume),
         Command::Stop(t) => control(&t, vmm::api::Request::Stop),
+        Command::Snapshot(args) => snapshot(args),
+        Command::Restore(args) => restore(args, start),
     };
     match result {
         Ok(code) => ExitCode::from(code),

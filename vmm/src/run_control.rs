@@ -5,10 +5,20 @@
 //! `immediate_exit`, see vcpu.rs) and waits until each one has parked in its checkpoint
 //! (or exited). Parked vCPUs are outside KVM_RUN with their exits fully handled, so the
 //! vCPU state is consistent for reading.
+//!
+//! A parked vCPU also serves save requests: KVM wants vCPU ioctls issued by the vCPU's
+//! own thread, so [`VcpuThreads::save_states`] asks every parked thread to read its
+//! state and waits for the answers.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::arch::vcpu_state::VcpuState;
+use crate::vcpu::VcpuError;
+
+/// What a parked vCPU answered to a save request.
+type Saved = Result<VcpuState, VcpuError>;
 
 #[derive(Default)]
 struct State {
@@ -16,6 +26,10 @@ struct State {
     pause: bool,
     parked: usize,
     exited: usize,
+    /// Bumped for every save request; parked vCPUs answer each one once.
+    save_seq: u64,
+    /// Answers to the current save request, by vCPU index.
+    saved: Vec<Option<Saved>>,
 }
 
 /// Shared between the VMM thread and the vCPU threads.
@@ -32,22 +46,73 @@ impl RunControl {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// vCPU side, between two KVM_RUNs: parks while a pause is requested. Returns false
-    /// when the thread must stop.
-    pub fn checkpoint(&self) -> bool {
+    /// vCPU side, between two KVM_RUNs: parks while a pause is requested, answering
+    /// save requests for vCPU `index` with `save`. Returns false when the thread must
+    /// stop.
+    pub fn checkpoint(&self, index: usize, save: &mut dyn FnMut() -> Saved) -> bool {
         if !self.attention.load(Ordering::Acquire) {
             return true;
         }
         let mut s = self.lock();
         if s.pause && !s.stop {
             s.parked += 1;
+            let mut answered = s.save_seq;
             self.cond.notify_all();
             while s.pause && !s.stop {
+                if s.save_seq != answered {
+                    answered = s.save_seq;
+                    drop(s);
+                    let state = save();
+                    s = self.lock();
+                    if s.save_seq == answered {
+                        if let Some(slot) = s.saved.get_mut(index) {
+                            *slot = Some(state);
+                        }
+                        self.cond.notify_all();
+                    }
+                    continue;
+                }
                 s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
             }
             s.parked -= 1;
         }
         !s.stop
+    }
+
+    /// VMM side, while paused: asks every parked vCPU for its state and waits for all
+    /// `count` answers. A vCPU that has exited (the guest powered off meanwhile) never
+    /// answers, which ends in a timeout error.
+    pub fn save_states(&self, count: usize, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        if !s.pause || s.stop {
+            return Err("the vCPUs are not paused".into());
+        }
+        if s.exited > 0 {
+            return Err("a vCPU has stopped (the guest is shutting down)".into());
+        }
+        s.save_seq += 1;
+        s.saved = (0..count).map(|_| None).collect();
+        self.cond.notify_all();
+        while s.saved.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || s.exited > 0 {
+                return Err(format!(
+                    "the vCPUs did not report their state within {timeout:?}"
+                ));
+            }
+            s = self
+                .cond
+                .wait_timeout(s, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        let saved = std::mem::take(&mut s.saved);
+        saved
+            .into_iter()
+            .flatten()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect()
     }
 
     /// vCPU side: the thread is leaving (stop, guest exit or crash).
@@ -153,6 +218,11 @@ impl VcpuThreads {
         self.control.resume();
     }
 
+    /// Every vCPU's state (the vCPUs must be paused).
+    pub fn save_states(&self) -> Result<Vec<VcpuState>, String> {
+        self.control.save_states(self.count, PAUSE_TIMEOUT)
+    }
+
     /// Whether the vCPUs are paused.
     pub fn paused(&self) -> bool {
         self.control.paused()
@@ -176,6 +246,10 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
+    fn no_save() -> Saved {
+        Err(VcpuError::Spawn(0, std::io::ErrorKind::Unsupported.into()))
+    }
+
     #[test]
     fn pause_parks_every_thread_and_resume_releases_them() {
         let c = Arc::new(RunControl::default());
@@ -184,7 +258,7 @@ mod tests {
             .map(|_| {
                 let (c, work) = (c.clone(), work.clone());
                 std::thread::spawn(move || {
-                    while c.checkpoint() {
+                    while c.checkpoint(0, &mut no_save) {
                         work.fetch_add(1, Ordering::Relaxed);
                         std::thread::yield_now();
                     }
@@ -224,7 +298,7 @@ mod tests {
         let c = Arc::new(RunControl::default());
         let c2 = c.clone();
         c.request_pause();
-        let t = std::thread::spawn(move || c2.checkpoint());
+        let t = std::thread::spawn(move || c2.checkpoint(0, &mut no_save));
         assert!(c.wait_parked(1, Duration::from_secs(10)));
         c.stop();
         assert!(!t.join().unwrap());

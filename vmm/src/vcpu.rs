@@ -22,6 +22,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::arch::cpuid::{normalize, VcpuTopology};
 use crate::arch::regs::{self, EntryPoint};
+use crate::arch::vcpu_state::{self, StateCaps, VcpuState};
 use crate::memory::GuestMemory;
 use crate::outcome::{ExitLatch, Outcome};
 use crate::run_control::RunControl;
@@ -50,6 +51,9 @@ pub enum VcpuError {
     /// The vCPU thread could not be started.
     #[error("cannot start the thread for vCPU {0}: {1}")]
     Spawn(u8, std::io::Error),
+    /// Saving or restoring the vCPU's state failed.
+    #[error("vCPU {0} state: {1}")]
+    State(u8, crate::arch::vcpu_state::VcpuStateError),
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
@@ -98,6 +102,7 @@ pub struct Vcpu {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     mem: GuestMemory,
+    caps: Arc<StateCaps>,
 }
 
 /// What the run loop does after an exit.
@@ -115,6 +120,7 @@ impl Vcpu {
         io_bus: Arc<Bus>,
         mmio_bus: Arc<Bus>,
         mem: GuestMemory,
+        caps: Arc<StateCaps>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -129,7 +135,20 @@ impl Vcpu {
             io_bus,
             mmio_bus,
             mem,
+            caps,
         })
+    }
+
+    /// Loads a saved state (instead of [`Vcpu::configure`]).
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        vcpu_state::restore(&self.fd, state, &self.caps)
+            .map_err(|e| VcpuError::State(self.index, e))
+    }
+
+    /// Reads the vCPU's state; only while its thread is outside KVM_RUN.
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        vcpu_state::save(&self.fd, self.index, &self.caps)
+            .map_err(|e| VcpuError::State(self.index, e))
     }
 
     fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -210,7 +229,8 @@ impl Vcpu {
     fn run(mut self, control: &RunControl, latch: &ExitLatch) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|p| p.set(run_ptr));
-        while control.checkpoint() {
+        let index = usize::from(self.index);
+        while control.checkpoint(index, &mut || self.save()) {
             let next = self.run_once();
             let next = match next {
                 Next::EmulationFailure => self.handle_emulation_failure(),

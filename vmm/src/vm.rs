@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use devices::legacy::serial::{SerialOutput, SERIAL_PORT_COUNT};
+use devices::legacy::serial::{SerialOutput, SerialSnapshot, SERIAL_PORT_COUNT};
 use devices::legacy::{
     AcpiSleep, BootTimer, DebugExit, SerialDevice, BOOT_COMPLETE_PORT, DEBUG_EXIT_PORT, I8042,
     I8042_COMMAND_PORT, I8042_DATA_PORT,
@@ -23,6 +23,7 @@ use crate::arch::boot::{self, BootInfo};
 use crate::arch::layout::{CMDLINE_START, KVM_TSS_ADDRESS};
 use crate::arch::mptable;
 use crate::arch::regs::EntryPoint;
+use crate::arch::vcpu_state::StateCaps;
 use crate::cmdline;
 use crate::config::VmConfig;
 use crate::console::Input;
@@ -33,6 +34,7 @@ use crate::memory::{self, GuestMemory};
 use crate::outcome::{ExitLatch, Outcome};
 use crate::run_control::{RunControl, VcpuThreads};
 use crate::signals::SignalFd;
+use crate::snapshot::Machine;
 use crate::vcpu::{self, Vcpu};
 
 /// COM1's port base and IRQ.
@@ -83,6 +85,9 @@ pub enum VmError {
     /// Virtio devices and their backends.
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
+    /// Loading a snapshot's state into the new VM.
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
 }
 
 /// How to build the VM beyond its machine configuration.
@@ -97,44 +102,196 @@ pub struct BuildOptions {
 
 /// A built VM, ready to run.
 pub struct Vm {
-    // Field order is drop order: vCPUs and the VM fd go before the memory they map.
+    // Field order is drop order: vCPUs and the VM fd (in `machine`) go before the memory
+    // they map (also in `machine`, after the fd).
     vcpus: Vec<Vcpu>,
-    _vm_fd: VmFd,
+    machine: Option<Machine>,
     _kvm: Kvm,
-    _mem: GuestMemory,
     serial: Arc<Mutex<SerialDevice>>,
     serial_drained: EventFd,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     latch: Arc<ExitLatch>,
     boot_time: Arc<OnceLock<Duration>>,
-    entry: EntryPoint,
+    entry: Option<EntryPoint>,
     info: Option<VmInfo>,
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |e| VmError::Kvm(what, e)
 }
 
+/// A VM with its in-kernel irqchip and PIT.
+pub(crate) fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm_fd
+        .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm_fd)
+}
+
+/// The devices of a VM, wired to its buses and to KVM.
+pub(crate) struct Wired {
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    /// For a restore: the UART's interrupt, to register once the KVM state is loaded.
+    pub(crate) serial_irqfd: Option<EventFd>,
+    pub(crate) serial_drained: EventFd,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) virtio: device_manager::VirtioDevices,
+    pub(crate) latch: Arc<ExitLatch>,
+    pub(crate) boot_time: Arc<OnceLock<Duration>>,
+    pub(crate) io_bus: Arc<Bus>,
+    pub(crate) mmio_bus: Arc<Bus>,
+}
+
+/// Creates the legacy and virtio devices of `config`; COM1 starts from `serial_state`
+/// when given (a restore; its irqfd is then left for the caller to register).
+pub(crate) fn wire_devices(
+    vm_fd: &VmFd,
+    mem: &GuestMemory,
+    config: &VmConfig,
+    start: Instant,
+    serial_output: SerialOutput,
+    serial_state: Option<&SerialSnapshot>,
+) -> Result<Wired, VmError> {
+    let mut mmio_bus = Bus::new();
+    let virtio = device_manager::attach(vm_fd, mem, &mut mmio_bus, config)?;
+
+    let latch = Arc::new(ExitLatch::new()?);
+    let stop_latch = latch.clone();
+    let on_stop: StopCallback = Arc::new(move |reason| stop_latch.set(Outcome::Guest(reason)));
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK)?;
+    let serial_drained = EventFd::new(EFD_NONBLOCK)?;
+    let drained = serial_drained.try_clone()?;
+    let irq = serial_irq.try_clone()?;
+    let (serial, serial_irqfd) = match serial_state {
+        // A restored UART may raise its interrupt right away: KVM must see it only
+        // after the irqchip and vCPU state are loaded, so the caller registers the
+        // irqfd then (KVM delivers an event already pending on it).
+        Some(state) => (
+            SerialDevice::from_snapshot(irq, drained, serial_output, state)
+                .map_err(|e| VmError::Restore(format!("serial: {e}")))?,
+            Some(serial_irq),
+        ),
+        None => {
+            vm_fd
+                .register_irqfd(&serial_irq, SERIAL_IRQ)
+                .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+            (SerialDevice::new(irq, drained, serial_output), None)
+        }
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let boot_timer = BootTimer::new(start);
+    let boot_time = boot_timer.result();
+    let i8042 = Arc::new(Mutex::new(I8042::new(on_stop.clone())));
+    let acpi_sleep = Arc::new(Mutex::new(AcpiSleep::new(on_stop.clone())));
+
+    let mut io_bus = Bus::new();
+    io_bus.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_COUNT)?;
+    io_bus.insert(i8042.clone(), I8042_DATA_PORT.into(), 1)?;
+    io_bus.insert(i8042.clone(), I8042_COMMAND_PORT.into(), 1)?;
+    io_bus.insert(acpi_sleep.clone(), SLEEP_CONTROL_PORT.into(), 1)?;
+    io_bus.insert(acpi_sleep, SLEEP_STATUS_PORT.into(), 1)?;
+    io_bus.insert(
+        Arc::new(Mutex::new(DebugExit::new(on_stop))),
+        DEBUG_EXIT_PORT.into(),
+        1,
+    )?;
+    io_bus.insert(
+        Arc::new(Mutex::new(boot_timer)),
+        BOOT_COMPLETE_PORT.into(),
+        1,
+    )?;
+    Ok(Wired {
+        serial,
+        serial_irqfd,
+        serial_drained,
+        i8042,
+        virtio,
+        latch,
+        boot_time,
+        io_bus: Arc::new(io_bus),
+        mmio_bus: Arc::new(mmio_bus),
+    })
+}
+
+/// Creates the vCPUs of `config` (not yet configured).
+pub(crate) fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    cpus: u8,
+    wired: &Wired,
+    mem: &GuestMemory,
+) -> Result<Vec<Vcpu>, VmError> {
+    let caps = Arc::new(StateCaps::query(kvm).map_err(|e| VmError::Restore(e.to_string()))?);
+    (0..cpus)
+        .map(|index| {
+            Vcpu::new(
+                vm_fd,
+                index,
+                wired.io_bus.clone(),
+                wired.mmio_bus.clone(),
+                mem.clone(),
+                caps.clone(),
+            )
+            .map_err(VmError::from)
+        })
+        .collect()
+}
+
 impl Vm {
-    /// Builds the VM described by `config` on `kvm`.
+    /// Assembles a VM from its parts (boot or restore).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble(
+        kvm: Kvm,
+        vm_fd: VmFd,
+        mem: GuestMemory,
+        config: &VmConfig,
+        wired: Wired,
+        vcpus: Vec<Vcpu>,
+        entry: Option<EntryPoint>,
+        start: Instant,
+    ) -> Self {
+        Self {
+            vcpus,
+            machine: Some(Machine {
+                vm_fd: Arc::new(vm_fd),
+                mem,
+                config: config.clone(),
+                serial: wired.serial.clone(),
+                i8042: wired.i8042,
+            }),
+            _kvm: kvm,
+            serial: wired.serial,
+            serial_drained: wired.serial_drained,
+            virtio: wired.virtio.transports,
+            latch: wired.latch,
+            boot_time: wired.boot_time,
+            entry,
+            info: Some(VmInfo {
+                name: config.name.clone(),
+                cpus: config.cpus,
+                memory_mib: config.memory_mib,
+                start,
+            }),
+        }
+    }
+
+    /// Builds the VM described by `config` on `kvm`, ready to boot its kernel.
     pub fn build(kvm: Kvm, config: &VmConfig, opts: BuildOptions) -> Result<Self, VmError> {
         let mem_size = config.memory_mib << 20;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm_fd
-            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
+        let vm_fd = create_vm(&kvm)?;
         let mem = memory::create(mem_size)?;
         memory::register(&vm_fd, &mem)?;
 
@@ -143,10 +300,10 @@ impl Vm {
             Some(path) => Some(loader::load_initrd(&mem, mem_size, &kernel, path)?),
             None => None,
         };
-        let mut mmio_bus = Bus::new();
-        let virtio = device_manager::attach(&vm_fd, &mem, &mut mmio_bus, config)?;
+        let wired = wire_devices(&vm_fd, &mem, config, opts.start, opts.serial_output, None)?;
+        let slots = &wired.virtio.slots;
         let announce = if cmdline::acpi_off(&config.cmdline) {
-            device_manager::cmdline_entries(&virtio.slots)
+            device_manager::cmdline_entries(slots)
         } else {
             String::new()
         };
@@ -160,7 +317,7 @@ impl Vm {
         log::debug!("kernel cmdline: {:?}", cmdline.as_cstring());
 
         mptable::setup(&mem, config.cpus)?;
-        let acpi_virtio: Vec<(u64, u32)> = virtio.slots.iter().map(|s| (s.base, s.gsi)).collect();
+        let acpi_virtio: Vec<(u64, u32)> = slots.iter().map(|s| (s.base, s.gsi)).collect();
         let rsdp = acpi::setup(&mem, config.cpus, &acpi_virtio)?;
         let info = BootInfo {
             mem_size,
@@ -173,50 +330,11 @@ impl Vm {
             EntryPoint::Linux64(_) => boot::write_boot_params(&mem, &info, kernel.header)?,
         }
 
-        let latch = Arc::new(ExitLatch::new()?);
-        let stop_latch = latch.clone();
-        let on_stop: StopCallback = Arc::new(move |reason| stop_latch.set(Outcome::Guest(reason)));
-
-        let serial_irq = EventFd::new(EFD_NONBLOCK)?;
-        vm_fd
-            .register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial_drained = EventFd::new(EFD_NONBLOCK)?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            serial_drained.try_clone()?,
-            opts.serial_output,
-        )));
-        let boot_timer = BootTimer::new(opts.start);
-        let boot_time = boot_timer.result();
-        let i8042 = Arc::new(Mutex::new(I8042::new(on_stop.clone())));
-        let acpi_sleep = Arc::new(Mutex::new(AcpiSleep::new(on_stop.clone())));
-
-        let mut io_bus = Bus::new();
-        io_bus.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_COUNT)?;
-        io_bus.insert(i8042.clone(), I8042_DATA_PORT.into(), 1)?;
-        io_bus.insert(i8042, I8042_COMMAND_PORT.into(), 1)?;
-        io_bus.insert(acpi_sleep.clone(), SLEEP_CONTROL_PORT.into(), 1)?;
-        io_bus.insert(acpi_sleep, SLEEP_STATUS_PORT.into(), 1)?;
-        io_bus.insert(
-            Arc::new(Mutex::new(DebugExit::new(on_stop))),
-            DEBUG_EXIT_PORT.into(),
-            1,
-        )?;
-        io_bus.insert(
-            Arc::new(Mutex::new(boot_timer)),
-            BOOT_COMPLETE_PORT.into(),
-            1,
-        )?;
-        let io_bus = Arc::new(io_bus);
-        let mmio_bus = Arc::new(mmio_bus);
-
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-        for index in 0..config.cpus {
-            let vcpu = Vcpu::new(&vm_fd, index, io_bus.clone(), mmio_bus.clone(), mem.clone())?;
+        let vcpus = create_vcpus(&kvm, &vm_fd, config.cpus, &wired, &mem)?;
+        for vcpu in &vcpus {
             vcpu.configure(
                 &kvm,
                 &supported,
@@ -224,31 +342,21 @@ impl Vm {
                 kernel.entry,
                 opts.emulated_kernel_mode,
             )?;
-            vcpus.push(vcpu);
         }
-
-        Ok(Self {
+        Ok(Self::assemble(
+            kvm,
+            vm_fd,
+            mem,
+            config,
+            wired,
             vcpus,
-            _vm_fd: vm_fd,
-            _kvm: kvm,
-            _mem: mem,
-            serial,
-            serial_drained,
-            virtio: virtio.transports,
-            latch,
-            boot_time,
-            entry: kernel.entry,
-            info: Some(VmInfo {
-                name: config.name.clone(),
-                cpus: config.cpus,
-                memory_mib: config.memory_mib,
-                start: opts.start,
-            }),
-        })
+            Some(kernel.entry),
+            opts.start,
+        ))
     }
 
-    /// How the kernel is entered.
-    pub fn entry(&self) -> EntryPoint {
+    /// How the kernel is entered (None for a restored VM).
+    pub fn entry(&self) -> Option<EntryPoint> {
         self.entry
     }
 
@@ -270,6 +378,7 @@ impl Vm {
             input,
             std::mem::take(&mut self.virtio),
             api.zip(self.info.take()),
+            self.machine.take(),
         )?;
         let control = Arc::new(RunControl::default());
         let mut threads = VcpuThreads::new(control.clone(), self.vcpus.len());

@@ -3,6 +3,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
 use crate::stop::{StopCallback, StopReason};
 
@@ -28,6 +30,19 @@ const SELF_TEST_OK: u8 = 0x55;
 const OUTPUT_PORT_RESET_LINE: u8 = 1 << 0;
 const MAX_OUTPUT: usize = 16;
 
+/// The controller's state, for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// Controller configuration byte.
+    pub ctr: u8,
+    /// Status register (without the output-full bit, which follows `output`).
+    pub status: u8,
+    /// The command waiting for its data byte, if any.
+    pub pending: Option<u8>,
+    /// Bytes waiting on the data port, oldest first.
+    pub output: Vec<u8>,
+}
+
 /// The controller. Keyboard and mouse are absent; only controller commands work.
 pub struct I8042 {
     on_stop: StopCallback,
@@ -48,6 +63,28 @@ impl I8042 {
             pending: None,
             output: VecDeque::new(),
         }
+    }
+
+    /// The controller's state.
+    pub fn snapshot(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            status: self.status,
+            pending: self.pending,
+            output: self.output.iter().copied().collect(),
+        }
+    }
+
+    /// Takes the state `state` (possibly from an untrusted file): the output queue is
+    /// clipped to what the controller holds, and a pending command other than the two
+    /// that take a data byte is dropped. Every register value is otherwise harmless.
+    pub fn restore(&mut self, state: &I8042State) {
+        self.ctr = state.ctr;
+        self.status = state.status & !STATUS_OUTPUT_FULL;
+        self.pending = state
+            .pending
+            .filter(|&c| c == CMD_WRITE_CTR || c == CMD_WRITE_OUTPUT_PORT);
+        self.output = state.output.iter().copied().take(MAX_OUTPUT).collect();
     }
 
     fn push_output(&mut self, byte: u8) {
@@ -160,5 +197,48 @@ mod tests {
         d.write(I8042_COMMAND_PORT.into(), 0, &[CMD_WRITE_OUTPUT_PORT]);
         d.write(I8042_DATA_PORT.into(), 0, &[0xfe]);
         assert_eq!(*seen.lock().unwrap(), vec![StopReason::Reset]);
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let (mut d, _) = dev();
+        d.write(I8042_COMMAND_PORT.into(), 0, &[CMD_WRITE_CTR]);
+        d.write(I8042_DATA_PORT.into(), 0, &[0x47]);
+        d.write(I8042_COMMAND_PORT.into(), 0, &[CMD_SELF_TEST]);
+        d.write(I8042_COMMAND_PORT.into(), 0, &[CMD_READ_CTR]);
+        d.write(I8042_COMMAND_PORT.into(), 0, &[CMD_WRITE_OUTPUT_PORT]);
+        let s = d.snapshot();
+        assert_eq!(s.ctr, 0x47);
+        assert_eq!(s.pending, Some(CMD_WRITE_OUTPUT_PORT));
+        assert_eq!(s.output, vec![SELF_TEST_OK, 0x47]);
+
+        let (mut r, seen) = dev();
+        r.restore(&s);
+        assert_eq!(r.snapshot(), s);
+        assert_eq!(
+            rd(&mut r, I8042_COMMAND_PORT),
+            rd(&mut d, I8042_COMMAND_PORT)
+        );
+        assert_eq!(rd(&mut r, I8042_DATA_PORT), SELF_TEST_OK);
+        assert_eq!(rd(&mut r, I8042_DATA_PORT), 0x47);
+        assert_eq!(rd(&mut r, I8042_COMMAND_PORT) & STATUS_OUTPUT_FULL, 0);
+        // The pending command survived: its data byte pulses the reset line.
+        r.write(I8042_DATA_PORT.into(), 0, &[0xfe]);
+        assert_eq!(*seen.lock().unwrap(), vec![StopReason::Reset]);
+    }
+
+    #[test]
+    fn hostile_state_is_clipped() {
+        let (mut d, _) = dev();
+        d.restore(&I8042State {
+            ctr: 0,
+            status: 0xff,
+            pending: Some(0x99),
+            output: vec![1; 1000],
+        });
+        let s = d.snapshot();
+        assert_eq!(s.output.len(), MAX_OUTPUT);
+        assert_eq!(s.pending, None);
+        assert_eq!(s.status & STATUS_OUTPUT_FULL, 0);
     }
 }

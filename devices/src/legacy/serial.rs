@@ -9,6 +9,7 @@
 use std::io::{self, Write};
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -17,6 +18,35 @@ use crate::bus::BusDevice;
 
 /// Number of I/O ports a 16550 occupies.
 pub const SERIAL_PORT_COUNT: u64 = 8;
+/// Size of the receive FIFO (vm-superio's).
+pub const SERIAL_FIFO_SIZE: usize = 64;
+/// LSR bit 0: received data is waiting.
+const LSR_DATA_READY: u8 = 1;
+
+/// A serial snapshot that cannot be restored.
+#[derive(Debug, Error)]
+pub enum SerialStateError {
+    /// More pending input than the receive FIFO holds.
+    #[error(
+        "serial: snapshot holds {len} bytes of pending input, the FIFO holds {SERIAL_FIFO_SIZE}"
+    )]
+    InputTooLong {
+        /// Bytes in the snapshot.
+        len: usize,
+    },
+    /// Pending input while the line status says there is none: the guest would never
+    /// read it.
+    #[error("serial: snapshot holds {len} bytes of pending input but LSR {lsr:#04x} has no data-ready bit")]
+    DataReadyClear {
+        /// Bytes in the snapshot.
+        len: usize,
+        /// The line status register.
+        lsr: u8,
+    },
+    /// vm-superio refused the state (e.g. the interrupt could not be raised).
+    #[error("serial: cannot restore the UART: {0}")]
+    Uart(String),
+}
 
 /// An interrupt line backed by an `EventFd`.
 pub struct EventFdTrigger(EventFd);
@@ -86,6 +116,39 @@ impl SerialDevice {
     pub fn snapshot(&self) -> SerialSnapshot {
         self.uart.state().into()
     }
+
+    /// A UART in the state `state` (from [`SerialDevice::snapshot`], possibly from an
+    /// untrusted file), wired like [`SerialDevice::new`]. Raises `irq` if the restored
+    /// registers have an interrupt pending. `drained` is not signalled: the caller
+    /// checks [`SerialDevice::fifo_capacity`] to resume feeding input.
+    pub fn from_snapshot(
+        irq: EventFd,
+        drained: EventFd,
+        out: SerialOutput,
+        state: &SerialSnapshot,
+    ) -> Result<Self, SerialStateError> {
+        let len = state.in_buffer.len();
+        if len > SERIAL_FIFO_SIZE {
+            return Err(SerialStateError::InputTooLong { len });
+        }
+        if len > 0 && state.line_status & LSR_DATA_READY == 0 {
+            return Err(SerialStateError::DataReadyClear {
+                len,
+                lsr: state.line_status,
+            });
+        }
+        let uart = Serial::from_state(
+            &state.clone().into(),
+            EventFdTrigger(irq),
+            InputDrained(drained),
+            out,
+        )
+        .map_err(|e| SerialStateError::Uart(e.to_string()))?;
+        Ok(Self {
+            uart,
+            output_failed: false,
+        })
+    }
 }
 
 impl BusDevice for SerialDevice {
@@ -136,6 +199,23 @@ pub struct SerialSnapshot {
 
 impl From<SerialState> for SerialSnapshot {
     fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<SerialSnapshot> for SerialState {
+    fn from(s: SerialSnapshot) -> Self {
         Self {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -225,5 +305,73 @@ mod tests {
         assert_eq!(b, [0; 4]);
         assert!(sink.0.lock().unwrap().is_empty());
         assert_eq!(d.snapshot().in_buffer, Vec::<u8>::new());
+    }
+
+    #[test]
+    fn snapshot_round_trip_keeps_registers_and_pending_input() {
+        let (mut d, _irq, _drained, _sink) = dev();
+        d.write(0x3f8, 1, &[0x01]); // IER: received-data interrupt
+        d.write(0x3f8, 7, &[0x5a]); // scratch
+        d.write(0x3f8, 3, &[0x80]); // LCR: DLAB
+        d.write(0x3f8, 0, &[0x03]); // divisor low
+        d.write(0x3f8, 3, &[0x03]); // LCR: 8N1
+        assert_eq!(d.enqueue_input(b"abc"), 3);
+        let snap = d.snapshot();
+        assert_eq!(snap.in_buffer, b"abc");
+
+        let irq = EventFd::new(libc_nonblock()).unwrap();
+        let drained = EventFd::new(libc_nonblock()).unwrap();
+        let mut r = SerialDevice::from_snapshot(
+            irq.try_clone().unwrap(),
+            drained.try_clone().unwrap(),
+            Box::new(Sink::default()),
+            &snap,
+        )
+        .unwrap();
+        assert_eq!(r.snapshot(), snap);
+        assert!(irq.read().is_ok(), "pending RDA interrupt raised again");
+        assert_eq!(r.fifo_capacity(), 61);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let mut lsr = [0u8];
+            r.read(0x3f8, 5, &mut lsr);
+            assert_ne!(lsr[0] & LSR_DATA_READY, 0);
+            let mut b = [0u8];
+            r.read(0x3f8, 0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, b"abc");
+        assert_eq!(drained.read().unwrap(), 1, "drain signalled");
+        let mut b = [0u8];
+        r.read(0x3f8, 7, &mut b);
+        assert_eq!(b[0], 0x5a);
+    }
+
+    #[test]
+    fn bad_snapshots_are_refused() {
+        let mk = |s: &SerialSnapshot| {
+            SerialDevice::from_snapshot(
+                EventFd::new(libc_nonblock()).unwrap(),
+                EventFd::new(libc_nonblock()).unwrap(),
+                Box::new(Sink::default()),
+                s,
+            )
+        };
+        let (d, _irq, _drained, _sink) = dev();
+        let mut s = d.snapshot();
+        s.in_buffer = vec![0; SERIAL_FIFO_SIZE + 1];
+        s.line_status |= LSR_DATA_READY;
+        assert!(matches!(
+            mk(&s),
+            Err(SerialStateError::InputTooLong { len: 65 })
+        ));
+        s.in_buffer = vec![1];
+        s.line_status &= !LSR_DATA_READY;
+        let Err(e) = mk(&s) else {
+            panic!("restored");
+        };
+        assert!(e.to_string().contains("data-ready"), "{e}");
+        s.in_buffer.clear();
+        assert!(mk(&s).is_ok());
     }
 }

@@ -46,11 +46,11 @@ pub mod status {
 
 /// Queue registers as the driver wrote them, checked only at QueueReady.
 #[derive(Clone, Copy, Default)]
-struct QueueRegs {
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
+pub(super) struct QueueRegs {
+    pub(super) size: u16,
+    pub(super) desc: u64,
+    pub(super) avail: u64,
+    pub(super) used: u64,
 }
 
 fn set_low(v: &mut u64, low: u32) {
@@ -62,19 +62,22 @@ fn set_high(v: &mut u64, high: u32) {
 }
 
 /// One virtio device behind its MMIO register window.
+///
+/// Snapshot support ([`MmioTransport::save`], [`MmioTransport::restore`]) lives in
+/// [`super::persist`].
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemory,
-    irq: Interrupt,
-    queues: Vec<Queue>,
-    regs: Vec<QueueRegs>,
-    queue_evts: Vec<EventFd>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    config_generation: u32,
+    pub(super) device: Box<dyn VirtioDevice>,
+    pub(super) mem: GuestMemory,
+    pub(super) irq: Interrupt,
+    pub(super) queues: Vec<Queue>,
+    pub(super) regs: Vec<QueueRegs>,
+    pub(super) queue_evts: Vec<EventFd>,
+    pub(super) status: u32,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) queue_sel: u32,
+    pub(super) config_generation: u32,
 }
 
 fn new_queues(device: &dyn VirtioDevice) -> Result<Vec<Queue>, virtio_queue::Error> {
@@ -144,11 +147,11 @@ impl MmioTransport {
         self.device.backend_generation()
     }
 
-    fn running(&self) -> bool {
+    pub(super) fn running(&self) -> bool {
         self.status & status::DRIVER_OK != 0 && self.status & status::NEEDS_RESET == 0
     }
 
-    fn ctx(&mut self) -> (&mut dyn VirtioDevice, QueueContext<'_>) {
+    pub(super) fn ctx(&mut self) -> (&mut dyn VirtioDevice, QueueContext<'_>) {
         (
             self.device.as_mut(),
             QueueContext {
@@ -416,4 +419,4 @@ impl BusDevice for MmioTransport {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

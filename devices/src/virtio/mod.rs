@@ -15,11 +15,14 @@ pub mod block;
 pub mod chain;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 
 use std::os::fd::RawFd;
 
 use thiserror::Error;
 use virtio_queue::Queue;
+
+use self::persist::{DeviceState, PersistError};
 use vm_memory::bitmap::AtomicBitmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -158,6 +161,12 @@ pub trait VirtioDevice: Send {
     fn backend_event(&mut self, _ctx: QueueContext, _events: u32) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// The device-specific state, for a snapshot.
+    fn save(&self) -> DeviceState;
+    /// Takes the device-specific state `state` (untrusted: validated against this
+    /// device's configuration). On error the device is unchanged. The transport calls
+    /// this on a freshly opened device, before activating it.
+    fn restore(&mut self, state: &DeviceState) -> Result<(), PersistError>;
 }
 
 /// Logs a device's complaints about guest behaviour: the first few at warn level, the

@@ -7,6 +7,8 @@ pub mod gdt;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+pub mod vcpu_state;
+pub mod vm_state;
 
 /// The byte that makes `bytes` sum to zero (mod 256), as MP and ACPI tables require.
 pub(crate) fn checksum(bytes: &[u8]) -> u8 {

@@ -1,10 +1,16 @@
-//! Control-socket requests, handled on the VMM thread: status, pause, resume, stop.
+//! Control-socket requests, handled on the VMM thread: status, pause, resume, snapshot,
+//! stop.
 //!
 //! Pause stops every vCPU at a consistent point (run_control.rs) and stops device
 //! processing: the event loop then only records which queues were notified and which
 //! backend events arrived, and stops reading console input; resume lets the vCPUs go and
 //! replays the recorded events.
+//!
+//! Snapshot pauses (unless paused already), writes the snapshot (snapshot/mod.rs), and
+//! then resumes, stops, or stays paused if the VM was paused before. A failed snapshot
+//! leaves the VM as it was.
 
+use std::path::Path;
 use std::time::Instant;
 
 use devices::bus::lock;
@@ -13,6 +19,7 @@ use super::{EventLoop, EventLoopError};
 use crate::api::{self, ApiServer, Request, Response, Status};
 use crate::outcome::Outcome;
 use crate::run_control::{VcpuThreads, PAUSE_TIMEOUT};
+use crate::snapshot::{check_target, SnapshotSummary};
 
 /// What `status` reports that the loop does not otherwise know.
 pub struct VmInfo {
@@ -56,6 +63,7 @@ impl EventLoop {
             else {
                 return Ok(());
             };
+            let mut snapshot = None;
             let result = match req {
                 Request::Status => Ok(()),
                 Request::Pause => self.pause(vcpus),
@@ -64,17 +72,22 @@ impl EventLoop {
                     self.latch.set(Outcome::Stopped);
                     Ok(())
                 }
+                Request::Snapshot { to, force, stop } => self
+                    .snapshot(vcpus, &to, force, stop)
+                    .map(|s| snapshot = Some(s)),
             };
             let response = match result {
                 Ok(()) => Response {
                     ok: true,
                     status: self.status(),
                     error: None,
+                    snapshot,
                 },
                 Err(e) => Response {
                     ok: false,
                     status: None,
                     error: Some(e),
+                    snapshot: None,
                 },
             };
             api::answer(stream, &response);
@@ -94,6 +107,48 @@ impl EventLoop {
         self.watch_input(false).map_err(|e| e.to_string())?;
         log::info!("paused");
         Ok(())
+    }
+
+    fn snapshot(
+        &mut self,
+        vcpus: &VcpuThreads,
+        to: &Path,
+        force: bool,
+        stop: bool,
+    ) -> Result<SnapshotSummary, String> {
+        if !to.is_absolute() {
+            return Err(format!("snapshot path {} is not absolute", to.display()));
+        }
+        check_target(to, force).map_err(|e| e.to_string())?;
+        let Some(machine) = self.machine.take() else {
+            return Err("this VM cannot be snapshotted".into());
+        };
+        let was_paused = self.pending.is_some();
+        let result = match self.pause(vcpus) {
+            Ok(()) => machine
+                .snapshot(vcpus, &self.devices, to, force)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        self.machine = Some(machine);
+        let stopping = stop && result.is_ok();
+        let resume = !was_paused && !stopping;
+        match &result {
+            Ok(s) => log::info!(
+                "snapshot written to {} ({} MiB on disk, {:.0} ms)",
+                s.path.display(),
+                s.disk_bytes >> 20,
+                s.took_s * 1e3
+            ),
+            Err(e) => log::error!("snapshot failed: {e}"),
+        }
+        if stopping {
+            self.latch.set(Outcome::Stopped);
+        }
+        if resume {
+            self.resume(vcpus)?;
+        }
+        result
     }
 
     fn resume(&mut self, vcpus: &VcpuThreads) -> Result<(), String> {

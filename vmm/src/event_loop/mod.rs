@@ -78,6 +78,8 @@ pub struct EventLoop {
     api: Option<control::Api>,
     /// While paused: device events seen, per device (queue bits, backend epoll mask).
     pending: Option<Vec<(u64, u32)>>,
+    /// What snapshots need.
+    machine: Option<crate::snapshot::Machine>,
 }
 
 impl EventLoop {
@@ -92,6 +94,7 @@ impl EventLoop {
         input: Option<Input>,
         devices: Vec<Arc<Mutex<MmioTransport>>>,
         api: Option<(crate::api::ApiServer, VmInfo)>,
+        machine: Option<crate::snapshot::Machine>,
     ) -> Result<Self, EventLoopError> {
         let epoll = Epoll::new()?;
         let add = |fd: RawFd, token: u64| {
@@ -139,6 +142,7 @@ impl EventLoop {
             backends,
             api: api.map(|(server, info)| control::Api { server, info }),
             pending: None,
+            machine,
         })
     }
 

@@ -13,6 +13,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{QueueOwnedT, QueueT};
 
+use super::persist::{BlockState, DeviceState, PersistError};
 use super::{
     chain, DeviceError, LogLimiter, QueueContext, VirtioDevice, F_EVENT_IDX, F_VERSION_1,
     QUEUE_MAX_SIZE, TYPE_BLOCK,
@@ -200,6 +201,41 @@ impl VirtioDevice for Block {
         self.acked = 0;
     }
 
+    fn save(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            acked_features: self.acked,
+            capacity: self.capacity,
+        })
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        let DeviceState::Block(s) = state else {
+            return Err(PersistError::Kind {
+                name: self.name.clone(),
+                snapshot: state.kind(),
+                device: "block",
+            });
+        };
+        if s.capacity != self.capacity {
+            return Err(PersistError::Capacity {
+                name: self.name.clone(),
+                snapshot: s.capacity,
+                device: self.capacity,
+            });
+        }
+        let unknown = s.acked_features & !self.features();
+        if unknown != 0 {
+            return Err(PersistError::Features {
+                name: self.name.clone(),
+                what: "acked features",
+                features: s.acked_features,
+                unknown,
+            });
+        }
+        self.acked = s.acked_features;
+        Ok(())
+    }
+
     fn queue_event(&mut self, mut ctx: QueueContext, index: usize) -> Result<(), DeviceError> {
         if index != 0 || !ctx.queues[0].ready() {
             return Ok(());
@@ -227,4 +263,4 @@ impl VirtioDevice for Block {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -22,8 +22,9 @@ struct Rig {
 }
 
 /// A minimal self-deleting temp file (no extra crates).
-mod tempfile_path {
-    pub struct TempFile(pub std::path::PathBuf);
+pub(crate) mod tempfile_path {
+    /// Deletes the file when dropped.
+    pub(crate) struct TempFile(pub std::path::PathBuf);
     impl Drop for TempFile {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
@@ -31,7 +32,9 @@ mod tempfile_path {
     }
 }
 
-fn rig(sectors: u64, read_only: bool) -> Rig {
+/// A temporary image of `sectors` sectors (sector `i` filled with byte `i`) and the
+/// configuration to open it.
+pub(crate) fn image(sectors: u64, read_only: bool) -> (BlockConfig, tempfile_path::TempFile) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let path = std::env::temp_dir().join(format!("wisp-blk-{}-{n}.img", std::process::id()));
@@ -43,6 +46,11 @@ fn rig(sectors: u64, read_only: bool) -> Rig {
         read_only,
         id: "disk-id-0123456789abcdef".into(),
     };
+    (cfg, tempfile_path::TempFile(path))
+}
+
+fn rig(sectors: u64, read_only: bool) -> Rig {
+    let (cfg, file) = image(sectors, read_only);
     let dev = Block::open(&cfg, "test".into()).unwrap();
     Rig {
         mem: mem(),
@@ -51,7 +59,7 @@ fn rig(sectors: u64, read_only: bool) -> Rig {
         generation: 0,
         dev,
         heads: Vec::new(),
-        _file: tempfile_path::TempFile(path),
+        _file: file,
     }
 }
 

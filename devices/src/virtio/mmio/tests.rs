@@ -3,6 +3,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::virtio::chain::tests::{mem, AVAIL, DESC, USED};
+use crate::virtio::persist::{BlockState, DeviceState, PersistError};
 use crate::virtio::TYPE_BLOCK;
 
 /// A device that counts queue events and fails when told to.
@@ -42,6 +43,16 @@ impl VirtioDevice for Mock {
         }
         Ok(())
     }
+    fn save(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            acked_features: self.acked,
+            capacity: 0,
+        })
+    }
+    fn restore(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        self.acked = state.acked_features();
+        Ok(())
+    }
 }
 
 fn transport(fail: bool) -> (MmioTransport, Arc<AtomicUsize>, EventFd) {
@@ -56,13 +67,13 @@ fn transport(fail: bool) -> (MmioTransport, Arc<AtomicUsize>, EventFd) {
     (t, events, irq)
 }
 
-fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+pub(crate) fn rd(t: &mut MmioTransport, off: u64) -> u32 {
     let mut b = [0u8; 4];
     t.read(0, off, &mut b);
     u32::from_le_bytes(b)
 }
 
-fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+pub(crate) fn wr(t: &mut MmioTransport, off: u64, v: u32) {
     t.write(0, off, &v.to_le_bytes());
 }
 

@@ -34,6 +34,7 @@ use vm_memory::Bytes;
 use self::backend::{is_disconnect, Backend};
 use self::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::chain::{self, Desc};
+use super::persist::{DeviceState, NetState, PersistError};
 use super::{
     DeviceError, GuestMemory, LogLimiter, QueueContext, VirtioDevice, F_EVENT_IDX, F_VERSION_1,
     QUEUE_MAX_SIZE, TYPE_NET,
@@ -141,10 +142,21 @@ impl Net {
     }
 
     fn set_link(&mut self, ctx: &mut QueueContext, up: bool) {
+        self.set_link_status(up);
+        ctx.config_changed();
+    }
+
+    /// Link status in the device and its configuration space (no interrupt).
+    fn set_link_status(&mut self, up: bool) {
         self.link_up = up;
         let status = if up { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
         self.config[6..8].copy_from_slice(&status.to_le_bytes());
-        ctx.config_changed();
+    }
+
+    /// The configured MAC address.
+    pub fn mac(&self) -> MacAddr {
+        let [a, b, c, d, e, f, _, _] = self.config;
+        MacAddr([a, b, c, d, e, f])
     }
 
     /// The backend's connection died: link down, then reconnect if the budget allows.
@@ -345,6 +357,64 @@ impl VirtioDevice for Net {
 
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.backend.fd())
+    }
+
+    fn save(&self) -> DeviceState {
+        DeviceState::Net(NetState {
+            acked_features: self.acked,
+            mac: self.mac(),
+            link_up: self.link_up,
+            rx_pending: self
+                .rx_frame
+                .get(..self.rx_len)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default(),
+        })
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        let name = || self.name.clone();
+        let DeviceState::Net(s) = state else {
+            return Err(PersistError::Kind {
+                name: name(),
+                snapshot: state.kind(),
+                device: "net",
+            });
+        };
+        let unknown = s.acked_features & !self.features();
+        if unknown != 0 {
+            return Err(PersistError::Features {
+                name: name(),
+                what: "acked features",
+                features: s.acked_features,
+                unknown,
+            });
+        }
+        if s.mac != self.mac() {
+            return Err(PersistError::Mac {
+                name: name(),
+                snapshot: s.mac,
+                device: self.mac(),
+            });
+        }
+        let len = s.rx_pending.len();
+        let (min, max) = (VNET_HDR_LEN, self.rx_frame.len());
+        if len != 0 && !(min..=max).contains(&len) {
+            return Err(PersistError::RxPending {
+                name: name(),
+                len,
+                min,
+                max,
+            });
+        }
+        // Cannot fail: len <= max was checked.
+        if let Some(slot) = self.rx_frame.get_mut(..len) {
+            slot.copy_from_slice(&s.rx_pending);
+            self.rx_len = len;
+        }
+        self.acked = s.acked_features;
+        self.set_link_status(s.link_up);
+        Ok(())
     }
 
     fn backend_generation(&self) -> u64 {

@@ -1,0 +1,75 @@
+//! Building a VM from a snapshot: the same machine as `wisp run` builds, with guest
+//! memory mapped from the snapshot's memory file and every piece of state loaded back
+//! instead of a kernel being booted.
+
+use std::time::Instant;
+
+use devices::bus::lock;
+use devices::legacy::serial::SerialOutput;
+use kvm_ioctls::Kvm;
+
+use crate::arch::vm_state;
+use crate::memory;
+use crate::snapshot::{memory_file, Loaded};
+use crate::vm::{create_vcpus, create_vm, kvm_err, wire_devices, Vm, VmError, SERIAL_IRQ};
+
+/// How to restore beyond what the snapshot says.
+pub struct RestoreOptions {
+    /// wisp's process start.
+    pub start: Instant,
+    /// Where guest serial output goes.
+    pub serial_output: SerialOutput,
+}
+
+impl Vm {
+    /// Builds the VM saved in `snapshot` (its configuration possibly changed by the
+    /// user: name, disk paths, network backends), ready to continue where it stopped.
+    pub fn restore(kvm: Kvm, snapshot: Loaded, opts: RestoreOptions) -> Result<Self, VmError> {
+        let Loaded {
+            state,
+            memory: memory_fd,
+            memory_path,
+        } = snapshot;
+        let config = &state.config;
+        let vm_fd = create_vm(&kvm)?;
+        let mem = memory_file::map_private(memory_fd, &memory_path, &state.memory)
+            .map_err(|e| VmError::Restore(e.to_string()))?;
+        memory::register(&vm_fd, &mem)?;
+        let wired = wire_devices(
+            &vm_fd,
+            &mem,
+            config,
+            opts.start,
+            opts.serial_output,
+            Some(&state.devices.serial),
+        )?;
+        // KVM state first, then devices: a device restore may raise its interrupt,
+        // which must land in the restored irqchip and LAPICs, not be overwritten by them.
+        let vcpus = create_vcpus(&kvm, &vm_fd, config.cpus, &wired, &mem)?;
+        vm_state::restore(&vm_fd, &state.vm).map_err(|e| VmError::Restore(e.to_string()))?;
+        for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+            vcpu.restore(saved)?;
+        }
+        if let Some(irq) = &wired.serial_irqfd {
+            vm_fd
+                .register_irqfd(irq, SERIAL_IRQ)
+                .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        }
+        lock(&wired.i8042).restore(&state.devices.i8042);
+        for (transport, saved) in wired.virtio.transports.iter().zip(&state.devices.virtio) {
+            lock(transport)
+                .restore(saved)
+                .map_err(|e| VmError::Restore(e.to_string()))?;
+        }
+        log::debug!(
+            "restored {}: {} vCPU(s), {} MiB, {} device(s)",
+            config.name,
+            config.cpus,
+            config.memory_mib,
+            state.devices.virtio.len()
+        );
+        Ok(Self::assemble(
+            kvm, vm_fd, mem, config, wired, vcpus, None, opts.start,
+        ))
+    }
+}

@@ -1,0 +1,374 @@
+//! Snapshots: a paused VM written to a directory, and read back for a restore.
+//!
+//! A snapshot directory holds two files:
+//! - `state`: the header of [`format`] and a [`SnapshotState`] (machine configuration,
+//!   vCPU, VM and device state, and the memory file's layout and digest);
+//! - `memory`: guest RAM, sparse (see [`memory_file`]).
+//!
+//! Writing goes to `DIR.partial-PID` first and is renamed into place only when both
+//! files are complete, so a failed snapshot leaves nothing behind and an existing
+//! directory is replaced (with `--force`) only by a whole snapshot.
+
+pub mod format;
+pub mod memory_file;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use devices::bus::lock;
+use devices::legacy::serial::SerialSnapshot;
+use devices::legacy::{I8042State, SerialDevice, I8042};
+use devices::virtio::mmio::MmioTransport;
+use devices::virtio::persist::TransportState;
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::layout::ram_ranges;
+use crate::arch::vcpu_state::VcpuState;
+use crate::arch::vm_state::{self, VmState, VmStateError};
+use crate::config::VmConfig;
+use crate::memory::GuestMemory;
+use crate::run_control::VcpuThreads;
+use format::FormatError;
+use memory_file::{MemoryFileError, MemoryInfo};
+
+/// The state file's name inside a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// The memory file's name inside a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// Errors taking or loading a snapshot. Each names the file and the problem.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// The target exists and `--force` was not given.
+    #[error("{0} already exists; choose another directory or pass --force to replace it")]
+    Exists(PathBuf),
+    /// The target's parent directory is missing.
+    #[error("cannot create {path}: {source}")]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A snapshot file is missing or unreadable.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The state file is bad.
+    #[error("snapshot state {path}: {source}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: FormatError,
+    },
+    /// The memory file is bad.
+    #[error(transparent)]
+    Memory(#[from] MemoryFileError),
+    /// The state contradicts itself (only a buggy writer gets past the checksum).
+    #[error("snapshot state is inconsistent: {0}")]
+    Inconsistent(String),
+    /// The vCPUs could not report their state.
+    #[error("cannot save the vCPUs: {0}")]
+    Vcpus(String),
+    /// The VM state could not be read.
+    #[error("cannot save the VM: {0}")]
+    Vm(#[from] VmStateError),
+    /// Writing or renaming failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Every device's state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// The i8042 controller.
+    pub i8042: I8042State,
+    /// The virtio devices, in slot order (disks, then network cards).
+    pub virtio: Vec<TransportState>,
+}
+
+/// The body of the state file.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotState {
+    /// The wisp that wrote it (informational).
+    pub wisp_version: String,
+    /// The machine configuration, as `wisp run` was given it (MACs resolved).
+    pub config: VmConfig,
+    /// The memory file's layout and digest.
+    pub memory: MemoryInfo,
+    /// In-kernel irqchip, PIT and clock.
+    pub vm: VmState,
+    /// Every vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Every device.
+    pub devices: DevicesState,
+}
+
+impl SnapshotState {
+    /// Checks that the parts agree with the configuration.
+    pub fn check(&self) -> Result<(), SnapshotError> {
+        let c = &self.config;
+        let bad = |m: String| Err(SnapshotError::Inconsistent(m));
+        if self.vcpus.len() != usize::from(c.cpus) {
+            return bad(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                c.cpus
+            ));
+        }
+        if let Some((i, v)) = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .find(|(i, v)| usize::from(v.index) != *i)
+        {
+            return bad(format!("vCPU state {i} is for vCPU {}", v.index));
+        }
+        let ranges = ram_ranges(c.memory_mib << 20);
+        let layout: Vec<(u64, u64)> = self
+            .memory
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.len))
+            .collect();
+        if layout != ranges {
+            return bad(format!(
+                "memory regions {layout:x?} do not match {} MiB of RAM",
+                c.memory_mib
+            ));
+        }
+        let devices = c.disks.len() + c.nets.len();
+        if self.devices.virtio.len() != devices {
+            return bad(format!(
+                "{} virtio device states for {devices} devices",
+                self.devices.virtio.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a finished snapshot reports.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotSummary {
+    /// The snapshot directory.
+    pub path: PathBuf,
+    /// Bytes the two files occupy on disk.
+    pub disk_bytes: u64,
+    /// The memory file's apparent size (guest RAM).
+    pub memory_bytes: u64,
+    /// Seconds spent saving the state and writing the files (the VM is paused).
+    pub took_s: f64,
+}
+
+/// What a snapshot needs besides the vCPUs and the virtio devices.
+pub struct Machine {
+    /// The VM (irqchip, PIT, clock).
+    pub vm_fd: Arc<VmFd>,
+    /// Guest RAM.
+    pub mem: GuestMemory,
+    /// The configuration, MACs resolved.
+    pub config: VmConfig,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The i8042.
+    pub i8042: Arc<Mutex<I8042>>,
+}
+
+/// Refuses a target that exists (unless `force`) before the VM is paused.
+pub fn check_target(dir: &Path, force: bool) -> Result<(), SnapshotError> {
+    if !force && dir.symlink_metadata().is_ok() {
+        return Err(SnapshotError::Exists(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+impl Machine {
+    /// Writes a snapshot of the paused VM to `dir`.
+    pub fn snapshot(
+        &self,
+        vcpus: &VcpuThreads,
+        transports: &[Arc<Mutex<MmioTransport>>],
+        dir: &Path,
+        force: bool,
+    ) -> Result<SnapshotSummary, SnapshotError> {
+        let t0 = Instant::now();
+        check_target(dir, force)?;
+        let vcpu_states = vcpus.save_states().map_err(SnapshotError::Vcpus)?;
+        let vm = vm_state::save(&self.vm_fd)?;
+        let devices = DevicesState {
+            serial: lock(&self.serial).snapshot(),
+            i8042: lock(&self.i8042).snapshot(),
+            virtio: transports.iter().map(|t| lock(t).save()).collect(),
+        };
+        let partial = partial_path(dir);
+        let _ = std::fs::remove_dir_all(&partial);
+        create_private_dir(&partial)?;
+        let result = self.write_files(&partial, vm, vcpu_states, devices);
+        let result = result.and_then(|()| replace_dir(&partial, dir, force));
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&partial);
+        }
+        result?;
+        let memory_bytes = self.mem.iter().map(|r| r.len()).sum();
+        Ok(SnapshotSummary {
+            path: dir.to_path_buf(),
+            disk_bytes: disk_usage(&dir.join(STATE_FILE)) + disk_usage(&dir.join(MEMORY_FILE)),
+            memory_bytes,
+            took_s: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn write_files(
+        &self,
+        dir: &Path,
+        vm: VmState,
+        vcpus: Vec<VcpuState>,
+        devices: DevicesState,
+    ) -> Result<(), SnapshotError> {
+        let memory = memory_file::write(&self.mem, &dir.join(MEMORY_FILE))?;
+        let state = SnapshotState {
+            wisp_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: self.config.clone(),
+            memory,
+            vm,
+            vcpus,
+            devices,
+        };
+        let path = dir.join(STATE_FILE);
+        let bytes = format::encode(&state).map_err(|source| SnapshotError::State {
+            path: path.clone(),
+            source,
+        })?;
+        write_private(&path, &bytes)
+    }
+}
+
+fn partial_path(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".partial-{}", std::process::id()));
+    dir.with_file_name(name)
+}
+
+fn create_private_dir(path: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| SnapshotError::Create {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let werr = |source| SnapshotError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(werr)?;
+    f.write_all(bytes).map_err(werr)?;
+    f.sync_all().map_err(werr)
+}
+
+/// Renames `partial` to `dir`; with `force`, an existing `dir` is moved aside first and
+/// removed only after the rename succeeded.
+fn replace_dir(partial: &Path, dir: &Path, force: bool) -> Result<(), SnapshotError> {
+    let werr = |source| SnapshotError::Write {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let old = if force && dir.symlink_metadata().is_ok() {
+        let mut name = dir.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".old-{}", std::process::id()));
+        let old = dir.with_file_name(name);
+        std::fs::rename(dir, &old).map_err(werr)?;
+        Some(old)
+    } else {
+        None
+    };
+    if let Err(e) = std::fs::rename(partial, dir) {
+        if let Some(old) = &old {
+            let _ = std::fs::rename(old, dir);
+        }
+        return Err(werr(e));
+    }
+    if let Some(old) = old {
+        let removed = if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+        } else {
+            std::fs::remove_file(&old)
+        };
+        if let Err(e) = removed {
+            log::warn!("cannot remove the replaced {}: {e}", old.display());
+        }
+    }
+    Ok(())
+}
+
+/// A snapshot read back and checked: its state, and its memory file (size and digest
+/// verified) ready to map.
+pub struct Loaded {
+    /// The state.
+    pub state: SnapshotState,
+    /// The memory file, open read-only.
+    pub memory: File,
+    /// Its path, for messages.
+    pub memory_path: PathBuf,
+}
+
+/// Reads and checks the snapshot in `dir`; nothing is started if this fails.
+pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
+    let state_path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&state_path).map_err(|source| SnapshotError::Read {
+        path: state_path.clone(),
+        source,
+    })?;
+    let state: SnapshotState = format::decode(&bytes).map_err(|source| SnapshotError::State {
+        path: state_path.clone(),
+        source,
+    })?;
+    state.check()?;
+    let memory_path = dir.join(MEMORY_FILE);
+    if let Err(source) = memory_path.metadata() {
+        return Err(SnapshotError::Read {
+            path: memory_path,
+            source,
+        });
+    }
+    let memory = memory_file::open_and_verify(&memory_path, &state.memory)?;
+    Ok(Loaded {
+        state,
+        memory,
+        memory_path,
+    })
+}
