@@ -1,6 +1,8 @@
 //! Helpers for integration tests: they spawn the real `wisp` binary.
 #![allow(dead_code)]
 
+pub mod linux_snapshot;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
