@@ -1,7 +1,9 @@
 //! The default Linux guest in user-mode NAT networking (passt), as in the seed labs'
 //! "NAT mode": DHCP, SSH in through a port forward, out to a host service through the
-//! gateway, and no way in without a forward. One boot, in a network namespace with a
-//! veth uplink (passt needs a default route); no traffic leaves the machine.
+//! gateway, and no way in without a forward. The guest is restored from the test run's
+//! boot snapshot (common/linux_snapshot.rs) with its card moved to passt, in a network
+//! namespace with a veth uplink (passt needs a default route); no traffic leaves the
+//! machine.
 
 mod common;
 
@@ -10,10 +12,10 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::linux_snapshot::linux_snapshot;
 use common::netns::NetNs;
 use common::{children_named, guest_file, process_named, Session, TempDir};
 
-const BOOT: Duration = Duration::from_secs(240);
 const CMD: Duration = Duration::from_secs(90);
 
 fn free_port() -> u16 {
@@ -37,7 +39,7 @@ fn ssh(port: u16, home: &TempDir, command: &str) -> std::process::Output {
 
 #[test]
 fn nat_mode_dhcp_ssh_through_a_forward_and_out_to_the_host() {
-    guest_file("vmlinux");
+    let snap = linux_snapshot();
     let ns = NetNs::new("usernet");
     ns.enter();
     ns.uplink();
@@ -54,21 +56,27 @@ fn nat_mode_dhcp_ssh_through_a_forward_and_out_to_the_host() {
     let ssh_port = free_port();
     let net = format!("user,hostfwd=tcp::{ssh_port}-:22");
     let mut s = Session::start_env(
-        &["run", "--name", "nat", "--memory", "256", "--net", &net],
+        &[
+            "restore",
+            snap.to_str().expect("utf-8"),
+            "--name",
+            "nat",
+            "--net",
+            &net,
+        ],
         &[("WISP_LOG", "debug")],
     );
-    s.expect_from(0, "WISP-READY", BOOT);
-    let passt = children_named(s.pid(), "passt");
-    assert_eq!(passt.len(), 1, "one passt child: {passt:?}");
-
-    // DHCP (the guest's rcS runs udhcpc in the background).
+    // DHCP: the snapshot's guest has a static address; a fresh lease from passt's
+    // DHCP server gives the NAT plan's address.
     let addr = s.query(
         "ADDR",
-        "for i in $(seq 30); do ip -4 -o addr show eth0 | grep -q inet && break; sleep 1; done; \
-         ip -4 -o addr show eth0 | awk '{print $4}'",
+        "ip -4 addr flush dev eth0; udhcpc -i eth0 -s /etc/udhcpc.script -n -q -t 10 -T 2 \
+         >/dev/null 2>&1; ip -4 -o addr show eth0 | awk '{print $4}'",
         CMD,
     );
     assert_eq!(addr, "10.0.2.15/24", "guest output:\n{}", s.seen);
+    let passt = children_named(s.pid(), "passt");
+    assert_eq!(passt.len(), 1, "one passt child: {passt:?}");
 
     // SSH in through the forward.
     let deadline = Instant::now() + CMD;

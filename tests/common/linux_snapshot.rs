@@ -2,13 +2,15 @@
 //! restore instead of booting again (a boot costs tens of seconds where guest kernel
 //! mode is emulated; a restore, a fraction of a second).
 //!
-//! The first test that asks boots the guest (2 vCPUs, 256 MiB, one network card on a
-//! TAP in a private namespace, static address [`GUEST_IP`]/24 with gateway
-//! [`GATEWAY`]), checks that it reported boot-complete, starts a TCP service on
+//! The first test that asks boots the guest (2 vCPUs, 256 MiB, one network card on
+//! user-mode networking in a private namespace, static address [`GUEST_IP`]/24 with
+//! gateway [`GATEWAY`], the NAT plan's), checks that it reported boot-complete, starts a TCP service on
 //! [`SERVICE_PORT`] (answers [`SERVICE_REPLY`]), and takes a snapshot with `--stop`.
 //! Test binaries share it through a directory under target/ named after the wisp
 //! binary and the guest images, so a rebuild makes a new one; a lock file serialises
-//! creation. Restores must give `--net` (the fixture's TAP is gone).
+//! creation. The card starts on passt because a guest that negotiated a TAP's offloads
+//! cannot move to passt (which has none), while the other way round works: restores
+//! give `--net tap=...` or `--net user,...`.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -81,7 +83,7 @@ pub fn linux_snapshot() -> PathBuf {
     let vmlinux = guest_file("vmlinux");
     let initramfs = guest_file("initramfs.cpio.gz");
     let key = fnv(&format!(
-        "{}|{}|{}|v1",
+        "{}|{}|{}|v2",
         identity(&wisp()),
         identity(&vmlinux),
         identity(&initramfs)
@@ -114,7 +116,7 @@ fn create(dir: &Path) {
     std::thread::spawn(move || {
         let ns = NetNs::new("lsnap");
         ns.enter();
-        ns.tap("wsnap0");
+        ns.uplink();
         let api = dir.with_extension("sock");
         let cmdline = format!("ip={GUEST_IP}::{GATEWAY}:255.255.255.0::eth0:off");
         let cpus = CPUS.to_string();
@@ -128,7 +130,7 @@ fn create(dir: &Path) {
             "--memory",
             &memory,
             "--net",
-            "tap=wsnap0",
+            "user",
             "--api",
             api.to_str().expect("utf-8"),
             "--cmdline",

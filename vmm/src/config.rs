@@ -162,6 +162,12 @@ impl VmConfig {
             }
             for (card, spec) in self.nets.iter_mut().zip(nets) {
                 let new = parse_net(spec)?;
+                let was_tap = matches!(card.backend, NetBackend::Tap(_) | NetBackend::Bridge(_));
+                if was_tap && matches!(new.backend, NetBackend::User(_)) {
+                    return bad(format!(
+                        "--net {spec:?}: this card was snapshotted on a TAP, whose offloads the guest may use; user-mode networking cannot take them over: use tap= or bridge="
+                    ));
+                }
                 if new.mac.is_some() && new.mac != card.mac {
                     return bad(format!(
                         "--net {spec:?}: the guest knows this card as {}; a restore cannot change its MAC",
@@ -464,6 +470,7 @@ mod tests {
             (vec![], vec!["tap=t1".to_string(), "tap=t2".to_string()]),
             (vec![], vec!["tap=t1,mac=52:54:00:00:00:09".to_string()]),
             (vec![], vec!["nonsense".to_string()]),
+            (vec![], vec!["user".to_string()]),
         ] {
             assert!(
                 c.override_devices(&disks, &nets).is_err(),

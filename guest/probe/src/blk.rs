@@ -1,5 +1,5 @@
 //! Polled virtio-blk driver (queue 0, one request at a time) and the
-//! `blk-*` commands.
+//! `blk-*` commands (`blk-seq`, several requests at once, is in blkseq.rs).
 //!
 //! A request is a chain of descriptors 0 (16-byte header, device-readable),
 //! 1 (data, if any) and 2 (status byte, device-writable). Every command
@@ -16,8 +16,8 @@ use crate::{io, status};
 /// VIRTIO_BLK_F_RO: the disk is read-only.
 const F_RO: u64 = 1 << 5;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 
@@ -78,9 +78,9 @@ impl Data {
     }
 }
 
-struct Blk {
-    dev: Device,
-    q: Queue,
+pub struct Blk {
+    pub dev: Device,
+    pub q: Queue,
     offered: u64,
 }
 
@@ -94,7 +94,7 @@ impl Blk {
     }
 
     /// Finds the selected device and initialises it, or ends the run.
-    fn open(cmd: &str) -> Blk {
+    pub fn open(cmd: &str) -> Blk {
         let Some(dev) = Device::find(virtio::DEVICE_BLK, SELECTED.load(Ordering::Relaxed)) else {
             println!("probe: no blk device");
             io::exit(status::NO_DEVICE)

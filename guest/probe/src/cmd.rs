@@ -7,12 +7,14 @@
 use crate::blk::{self, Bad};
 use crate::bootinfo::BootInfo;
 use crate::serial::Escaped;
-use crate::{counter, io, net, netproto, status, tsc, virtio};
+use crate::{blkseq, counter, io, net, netproto, status, tsc, virtio};
 
 const PARAM: &[u8] = b"probe.cmd=";
 const DEFAULT_LIST: &[u8] = b"hello";
 /// Largest byte count `readin:N` accepts (16 MiB).
 const READIN_MAX: u32 = 16 << 20;
+/// Largest GAP_US of `net-send:N:LEN:GAP_US` (1 s).
+const NET_GAP_US_MAX: u64 = 1_000_000;
 
 /// Address the hidden `fault` (`fault:pf`) command reads: just past the
 /// probe's identity map, so it raises a page fault. (`fault:gp` runs `hlt`
@@ -67,8 +69,11 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
             _ => usage_error(item, "byte count must be 1..16777216"),
         },
         (b"counter", arg) => match parse_counter(arg) {
-            Some((mib, rounds)) => counter::run(boot, mib, rounds),
-            None => usage_error(item, "use counter[:MIB[:ROUNDS]] with MIB 1..1024"),
+            Some((mib, rounds, gap)) => counter::run(boot, mib, rounds, gap),
+            None => usage_error(
+                item,
+                "use counter[:MIB[:ROUNDS[:GAP_MS]]] with MIB 1..1024, GAP_MS 1..1000",
+            ),
         },
         (b"tsc", None) => {
             let (hz, source) = tsc::frequency();
@@ -122,6 +127,12 @@ fn run_device(item: &[u8], name: &[u8], arg: Option<&[u8]>) -> bool {
                 _ => usage_error(item, "use SECTOR:COUNT:SEED with COUNT 1..4096"),
             }
         }
+        (b"blk-seq", Some(a)) => match parse_some_args(a, [blkseq::MAX_SECTORS, u64::MAX]) {
+            Some([sectors, rounds]) if sectors >= blkseq::MIN_SECTORS => {
+                blkseq::run(cmd, sectors, rounds)
+            }
+            _ => usage_error(item, "use blk-seq:SECTORS[:ROUNDS] with SECTORS 8..4096"),
+        },
         (b"blk-bad", Some(kind)) => {
             let kind = match kind {
                 b"loop" => Bad::Loop,
@@ -143,11 +154,15 @@ fn run_device(item: &[u8], name: &[u8], arg: Option<&[u8]>) -> bool {
             None => usage_error(item, "frame count must be 0..4294967295"),
         },
         (b"net-send", Some(a)) => {
-            match parse_args(a, [u64::from(u32::MAX), net::MAX_FRAME as u64]) {
-                Some([n, len]) if len >= net::MIN_FRAME as u64 => {
-                    net::send(cmd, n as u32, len as usize)
+            let max = [u64::from(u32::MAX), net::MAX_FRAME as u64, NET_GAP_US_MAX];
+            match parse_some_args(a, max) {
+                Some([n, len, gap_us]) if len >= net::MIN_FRAME as u64 => {
+                    net::send(cmd, n as u32, len as usize, gap_us)
                 }
-                _ => usage_error(item, "use net-send:N:LEN with LEN 60..1514"),
+                _ => usage_error(
+                    item,
+                    "use net-send:N:LEN[:GAP_US] with LEN 60..1514, GAP_US 0..1000000",
+                ),
             }
         }
         (b"net-arp", Some(a)) => {
@@ -167,9 +182,10 @@ fn run_device(item: &[u8], name: &[u8], arg: Option<&[u8]>) -> bool {
         }
         (b"blk-write" | b"blk-verify", None) => usage_error(item, "needs SECTOR:COUNT:SEED"),
         (b"blk-bad", None) => usage_error(item, "needs a kind: loop, oob, zero or qsize"),
+        (b"blk-seq", None) => usage_error(item, "needs SECTORS[:ROUNDS]"),
         (b"blk-dev", None) => usage_error(item, "needs an argument: blk-dev:N"),
         (b"net-echo" | b"net-recv", None) => usage_error(item, "needs a frame count"),
-        (b"net-send", None) => usage_error(item, "needs N:LEN"),
+        (b"net-send", None) => usage_error(item, "needs N:LEN[:GAP_US]"),
         (b"net-arp", None) => usage_error(item, "needs an address: net-arp:TARGET[:SENDER]"),
         _ => return false,
     }
@@ -187,19 +203,24 @@ fn readin(n: u32) {
 const FNV_OFFSET_BASIS: u32 = 0x811c_9dc5;
 const FNV_PRIME: u32 = 0x0100_0193;
 
-/// `counter` arguments: `None` or `MIB` or `MIB:ROUNDS` (MIB 1..=1024,
-/// default 4; ROUNDS any u64, default 0 = forever).
-fn parse_counter(arg: Option<&[u8]>) -> Option<(u64, u64)> {
+/// `counter` arguments: `None`, `MIB`, `MIB:ROUNDS` or
+/// `MIB:ROUNDS:GAP_MS` (MIB 1..=1024, default 4; ROUNDS any u64, default
+/// 0 = forever; GAP_MS 1..=1000, default none).
+fn parse_counter(arg: Option<&[u8]>) -> Option<(u64, u64, Option<u64>)> {
     let Some(arg) = arg else {
-        return Some((counter::DEFAULT_MIB, 0));
+        return Some((counter::DEFAULT_MIB, 0, None));
     };
-    let mut parts = arg.splitn(2, |&b| b == b':');
+    let mut parts = arg.splitn(3, |&b| b == b':');
     let mib = parse_u64(parts.next()?, counter::MAX_MIB).filter(|&m| m > 0)?;
     let rounds = match parts.next() {
         Some(r) => parse_u64(r, u64::MAX)?,
         None => 0,
     };
-    Some((mib, rounds))
+    let gap = match parts.next() {
+        Some(g) => Some(parse_u64(g, u64::MAX).filter(|g| counter::GAP_MS_RANGE.contains(g))?),
+        None => None,
+    };
+    Some((mib, rounds, gap))
 }
 
 /// Reads just past the probe's identity map: #PF (status 0xee).
@@ -233,6 +254,19 @@ fn parse_args<const K: usize>(s: &[u8], max: [u64; K]) -> Option<[u64; K]> {
     let mut out = [0; K];
     for (v, m) in out.iter_mut().zip(max) {
         *v = parse_u64(parts.next()?, m)?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// As [`parse_args`], but trailing numbers may be missing (then 0).
+fn parse_some_args<const K: usize>(s: &[u8], max: [u64; K]) -> Option<[u64; K]> {
+    let mut parts = s.split(|&b| b == b':');
+    let mut out = [0; K];
+    for (v, m) in out.iter_mut().zip(max) {
+        match parts.next() {
+            Some(p) => *v = parse_u64(p, m)?,
+            None => break,
+        }
     }
     parts.next().is_none().then_some(out)
 }

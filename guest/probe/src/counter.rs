@@ -1,4 +1,4 @@
-//! `counter[:MIB[:ROUNDS]]`: a memory workload for pause/resume and
+//! `counter[:MIB[:ROUNDS[:GAP_MS]]]`: a memory workload for pause/resume and
 //! snapshot/restore tests.
 //!
 //! MIB MiB of RAM above the probe image (the "area") are rewritten in
@@ -10,7 +10,8 @@
 //!
 //! Output is paced by the TSC (tsc.rs): a progress line when a round
 //! completes at least [`MIN_GAP_MS`] after the previous line, and within a
-//! round once [`MAX_GAP_MS`] have passed without a line.
+//! round once [`MAX_GAP_MS`] have passed without a line. With GAP_MS, both
+//! gaps are GAP_MS (and the clock is read more often below 200 ms).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,12 +29,17 @@ const WORDS: usize = (PAGE / 8) as usize;
 const AREA_ALIGN: u64 = 2 << 20;
 /// Pages between two looks at the clock within a round.
 const CLOCK_PAGES: u64 = 64;
-/// No two progress lines closer than this.
+/// As [`CLOCK_PAGES`] for a GAP_MS below [`MIN_GAP_MS`].
+const CLOCK_PAGES_FAST: u64 = 8;
+/// No two progress lines closer than this (without GAP_MS).
 const MIN_GAP_MS: u64 = 200;
-/// A progress line within a round once this much passed without one.
+/// A progress line within a round once this much passed without one
+/// (without GAP_MS).
 const MAX_GAP_MS: u64 = 1000;
+/// Range of GAP_MS.
+pub const GAP_MS_RANGE: core::ops::RangeInclusive<u64> = 1..=1000;
 /// 2^64 / golden ratio (the splitmix64 increment).
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+pub const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// Pages processed (written in round 0, verified and rewritten in later
 /// rounds) by all `counter` commands of this run: only ever grows. It
@@ -46,9 +52,10 @@ extern "C" {
 }
 
 /// Runs the workload: `rounds` rounds after the initialisation, or
-/// forever if `rounds` is 0. Exits with [`status::USAGE`] if the area
-/// does not fit, [`status::CHECK_FAILED`] on a verification failure.
-pub fn run(boot: &BootInfo, mib: u64, rounds: u64) {
+/// forever if `rounds` is 0; `gap_ms` (in [`GAP_MS_RANGE`]) replaces both
+/// pacing gaps. Exits with [`status::USAGE`] if the area does not fit,
+/// [`status::CHECK_FAILED`] on a verification failure.
+pub fn run(boot: &BootInfo, mib: u64, rounds: u64, gap_ms: Option<u64>) {
     let bytes = mib << 20;
     let Some(start) = find_area(boot, bytes) else {
         println!("probe: counter needs {mib} MiB");
@@ -57,10 +64,16 @@ pub fn run(boot: &BootInfo, mib: u64, rounds: u64) {
     println!("probe: counter area={start:#x} mib={mib}");
     let pages = bytes / PAGE;
     let (hz, _) = tsc::frequency();
+    let (min_ms, max_ms) = gap_ms.map_or((MIN_GAP_MS, MAX_GAP_MS), |g| (g, g));
     let mut pace = Pace {
-        last: tsc::now(),
-        min_gap: hz / 1000 * MIN_GAP_MS,
-        max_gap: hz / 1000 * MAX_GAP_MS,
+        clock: tsc::Pace::start(),
+        min_gap: tsc::ticks_ms(hz, min_ms),
+        max_gap: tsc::ticks_ms(hz, max_ms),
+        every: if min_ms < MIN_GAP_MS {
+            CLOCK_PAGES_FAST
+        } else {
+            CLOCK_PAGES
+        },
     };
     for p in 0..pages {
         // SAFETY: p < pages: the page lies in the area, which is RAM
@@ -110,11 +123,13 @@ fn find_area(boot: &BootInfo, bytes: u64) -> Option<u64> {
         .min()
 }
 
-/// Output pacing state: TSC of the last line and the gaps in TSC ticks.
+/// Output pacing state: the clock of the last line, the gaps in TSC
+/// ticks, and the pages between two looks at the clock within a round.
 struct Pace {
-    last: u64,
+    clock: tsc::Pace,
     min_gap: u64,
     max_gap: u64,
+    every: u64,
 }
 
 impl Pace {
@@ -122,21 +137,19 @@ impl Pace {
     /// last one. A TSC that went backwards (e.g. after a restore) counts
     /// as a long gap.
     fn line_if(&mut self, gap: u64, round: u64) {
-        let now = tsc::now();
-        if now.wrapping_sub(self.last) >= gap {
-            self.last = now;
+        if self.clock.due(gap) {
             let c = COUNT.load(Ordering::Relaxed);
             println!("probe: counter round={round} count={c}");
         }
     }
 }
 
-/// Counts one page and, every [`CLOCK_PAGES`] pages, prints a progress
-/// line if the round has been silent for [`MAX_GAP_MS`].
+/// Counts one page and, every `pace.every` pages, prints a progress line
+/// if the round has been silent for `pace.max_gap`.
 #[inline(always)]
 fn step(pace: &mut Pace, round: u64, p: u64) {
     COUNT.fetch_add(1, Ordering::Relaxed);
-    if p % CLOCK_PAGES == CLOCK_PAGES - 1 {
+    if p % pace.every == pace.every - 1 {
         pace.line_if(pace.max_gap, round);
     }
 }
@@ -145,10 +158,14 @@ fn page_ptr(start: u64, p: u64) -> *mut u64 {
     core::ptr::with_exposed_provenance_mut((start + p * PAGE) as usize)
 }
 
-/// Per-page seed of words 2..512: the splitmix64 finalizer of
-/// `((r << 32) ^ p) + GOLDEN` (wrapping), never 0 for round 0 page 0.
+/// Per-page seed of words 2..512: [`splitmix64`] of `(r << 32) ^ p`.
 fn seed(r: u64, p: u64) -> u64 {
-    let mut z = ((r << 32) ^ p).wrapping_add(GOLDEN);
+    splitmix64((r << 32) ^ p)
+}
+
+/// The splitmix64 finalizer of `x + GOLDEN` (wrapping); not 0 for x = 0.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(GOLDEN);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

@@ -12,6 +12,7 @@
 mod serial;
 
 mod blk;
+mod blkseq;
 mod bootinfo;
 mod cmd;
 mod counter;

@@ -10,7 +10,7 @@ use core::fmt;
 
 use crate::virtio::{self, Device};
 use crate::virtqueue::{self, Desc, Dma, Queue, Ring, WaitError, QSIZE};
-use crate::{io, status};
+use crate::{io, status, tsc};
 
 /// VIRTIO_NET_F_MAC: config space holds the MAC address.
 const F_MAC: u64 = 1 << 5;
@@ -308,9 +308,12 @@ pub fn echo(cmd: &str, n: u32) {
     println!("probe: net-echo n={n}");
 }
 
-/// `net-send:N:LEN` (N = 0: forever).
-pub fn send(cmd: &str, n: u32, len: usize) {
+/// `net-send:N:LEN[:GAP_US]` (N = 0: forever): with a GAP_US, each
+/// frame is notified on its own, at least GAP_US after the previous one.
+pub fn send(cmd: &str, n: u32, len: usize, gap_us: u64) {
     let mut net = Net::open(cmd);
+    let gap = tsc::ticks_us(tsc::frequency().0, gap_us);
+    let mut last = 0;
     let mut seq: u32 = 0;
     while n == 0 || seq < n {
         let id = net.tx_alloc();
@@ -323,8 +326,18 @@ pub fn send(cmd: &str, n: u32, len: usize) {
         for (i, b) in f[ETH_HDR..].iter_mut().enumerate().skip(4) {
             *b = seq.wrapping_add(i as u32) as u8;
         }
-        net.tx_submit(id, len);
-        // Batched: tx_alloc notifies when the ring is full, tx_drain at the end.
+        if gap > 0 {
+            // A TSC that went backwards (a restore) ends the wait at once.
+            while seq > 0 && tsc::now().wrapping_sub(last) < gap {
+                core::hint::spin_loop();
+            }
+            last = tsc::now();
+            net.tx_submit(id, len);
+            net.kick();
+        } else {
+            // Batched: tx_alloc notifies when the ring is full, tx_drain at the end.
+            net.tx_submit(id, len);
+        }
         seq = seq.wrapping_add(1);
     }
     net.tx_drain();

@@ -72,3 +72,38 @@ pub fn frequency() -> (u64, Source) {
     }
     (DEFAULT_HZ, Source::Default)
 }
+
+/// TSC ticks in `us` microseconds at `hz` Hz.
+pub fn ticks_us(hz: u64, us: u64) -> u64 {
+    hz.saturating_mul(us) / 1_000_000
+}
+
+/// TSC ticks in `ms` milliseconds at `hz` Hz.
+pub fn ticks_ms(hz: u64, ms: u64) -> u64 {
+    ticks_us(hz, ms.saturating_mul(1000))
+}
+
+/// Output pacing: the TSC when the last paced event happened.
+pub struct Pace {
+    last: u64,
+}
+
+impl Pace {
+    /// Starts the first interval now.
+    pub fn start() -> Pace {
+        Pace { last: now() }
+    }
+
+    /// True, and starts a new interval, if at least `gap` ticks passed
+    /// since the interval started. A TSC that went backwards (e.g. after a
+    /// restore) counts as a long gap.
+    pub fn due(&mut self, gap: u64) -> bool {
+        let t = now();
+        if t.wrapping_sub(self.last) >= gap {
+            self.last = t;
+            true
+        } else {
+            false
+        }
+    }
+}
