@@ -182,7 +182,7 @@ fn frames_in_flight_survive_a_snapshot_exactly_once_onto_a_new_tap() {
     let new = PacketSocket::open("sn1");
     let api = dir.0.join("a.sock");
     // 64-byte frames at most every 200 us: a steady stream the host keeps up with.
-    let mut a = Session::start(&[
+    let a = Session::start(&[
         "run",
         "--name",
         "snap-net-a",
