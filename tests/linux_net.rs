@@ -1,15 +1,15 @@
 //! Real Linux guests on a host bridge, in a network namespace the test creates (so no
 //! traffic leaves the machine), and a root file system on virtio-blk that keeps its
-//! data across boots. Two guests boot side by side, then one boots again from its
-//! disk: slow where guest kernel mode is emulated (about a minute here).
+//! data across boots. Guest A boots from its disk while guest B is restored from the
+//! test run's boot snapshot, then A boots again from its disk: slow where guest kernel
+//! mode is emulated (about a minute here).
 
 mod common;
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::linux_snapshot::{linux_snapshot, tcp_reply};
 use common::netns::NetNs;
 use common::{guest_file, Session, TempDir};
 
@@ -23,31 +23,11 @@ fn ip_param(addr: &str) -> String {
     format!("ip={addr}::{HOST_IP}:255.255.255.0::eth0:off")
 }
 
-/// Connects to the guest's TCP service (retrying while it starts) and reads its reply.
-fn tcp_reply(addr: &str, port: u16) -> String {
-    let addr: SocketAddr = format!("{addr}:{port}").parse().expect("address");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-            Ok(mut s) => {
-                s.set_read_timeout(Some(Duration::from_secs(20)))
-                    .expect("timeout");
-                let mut out = String::new();
-                let _ = s.read_to_string(&mut out);
-                if !out.is_empty() || Instant::now() > deadline {
-                    return out;
-                }
-            }
-            Err(e) if Instant::now() > deadline => panic!("connect to {addr}: {e}"),
-            Err(_) => {}
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 #[test]
 fn guests_on_a_bridge_talk_to_the_host_and_each_other_and_the_root_disk_persists() {
     guest_file("vmlinux");
+    // Before A boots: the first test of a run boots and snapshots the default guest.
+    let snap = linux_snapshot();
     let rootfs = guest_file("rootfs.ext4");
     let dir = TempDir::new("linux-net");
     let disk = dir.0.join("root.ext4");
@@ -76,20 +56,26 @@ fn guests_on_a_bridge_talk_to_the_host_and_each_other_and_the_root_disk_persists
         "--cmdline",
         &a_cmdline,
     ]);
-    let b_cmdline = ip_param(B_IP);
+    a.expect_from(0, "WISP-READY", BOOT);
+    // B is the test run's booted default guest, restored onto the bridge (after A's
+    // boot, so it does not slow it down) and readdressed.
     let mut b = Session::start(&[
-        "run",
+        "restore",
+        snap.to_str().expect("utf-8"),
         "--name",
         "net-b",
-        "--memory",
-        "128",
         "--net",
         "bridge=br0",
-        "--cmdline",
-        &b_cmdline,
     ]);
-    a.expect_from(0, "WISP-READY", BOOT);
-    b.expect_from(0, "WISP-READY", BOOT);
+    let b_addr = b.query(
+        "BADDR",
+        &format!(
+            "ip addr flush dev eth0 && ip addr add {B_IP}/24 dev eth0 && \
+             ip -4 -o addr show eth0 | awk '{{print $4}}'"
+        ),
+        CMD,
+    );
+    assert_eq!(b_addr, format!("{B_IP}/24"), "guest B output:\n{}", b.seen);
 
     let root = a.query("ROOT", "awk '$2 == \"/\" {print $1, $3}' /proc/mounts", CMD);
     assert_eq!(root, "/dev/root ext4", "guest A output:\n{}", a.seen);

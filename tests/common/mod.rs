@@ -185,8 +185,13 @@ impl Session {
                 )
             }
             Err(RecvTimeoutError::Disconnected) => {
+                let stderr = self
+                    .stderr
+                    .take()
+                    .map(|h| h.join().unwrap_or_default())
+                    .unwrap_or_default();
                 panic!(
-                    "wisp exited while waiting for {waiting_for}; output:\n{}",
+                    "wisp exited while waiting for {waiting_for}; output:\n{}\nstderr:\n{stderr}",
                     self.seen
                 )
             }

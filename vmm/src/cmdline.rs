@@ -13,10 +13,15 @@ pub const BASE: &str = "console=ttyS0 reboot=k panic=-1";
 /// Added only when guest kernel mode is software-emulated (see `wisp doctor`):
 /// - hide CPU features the host's instruction emulator cannot run (xsave, popcnt, SMAP's
 ///   clac/stac, cmpxchg16b) or runs slowly (rep movsb/stosb);
+/// - no FSGSBASE: with it, the NMI entry path reads the per-CPU base with `lsl`, which
+///   the emulator cannot run either (an NMI, e.g. an RCU stall backtrace, then crashes
+///   the guest);
+/// - no RCU stall reports: a vCPU thread starved by a busy host looks like a stall to a
+///   guest this slow;
 /// - trust the TSC, and skip work that costs seconds when every kernel instruction is
 ///   emulated (read-only remapping, rewriting SMP lock prefixes on one vCPU, the boot log).
 pub const EMULATED_KERNEL_MODE: &str =
-    "noxsave clearcpuid=popcnt,smap,erms,fsrm,cx16 tsc=reliable no_timer_check rodata=off noreplace-smp quiet";
+    "noxsave clearcpuid=popcnt,smap,erms,fsrm,cx16 nofsgsbase rcupdate.rcu_cpu_stall_suppress=1 tsc=reliable no_timer_check rodata=off noreplace-smp quiet";
 
 /// Errors building the command line.
 #[derive(Debug, Error)]
