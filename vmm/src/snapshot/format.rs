@@ -26,7 +26,9 @@ pub const HEADER_LEN: usize = 32;
 /// Largest body accepted (a sanity bound against corrupt lengths).
 const MAX_BODY: u64 = 64 << 20;
 
-const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+/// Slice-by-16 tables: several times faster than byte-wise, which matters for the
+/// memory file's digest.
+const CRC: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
 
 /// Why a state could not be encoded or decoded.
 #[derive(Debug, Error)]
@@ -80,7 +82,7 @@ pub fn crc64(bytes: &[u8]) -> u64 {
 }
 
 /// A running CRC-64/XZ.
-pub fn crc64_digest() -> crc::Digest<'static, u64> {
+pub fn crc64_digest() -> crc::Digest<'static, u64, crc::Table<16>> {
     CRC.digest()
 }
 
