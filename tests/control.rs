@@ -6,21 +6,11 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{probe, wisp, Session, TempDir};
+use common::{probe, wisp_cmd, Session, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn wisp_cmd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(wisp()).args(args).output().expect("run wisp");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Starts the probe with `cmds` under `name`, with its control socket at `api`.
 fn start(name: &str, api: &str, cmds: &str) -> Session {

@@ -13,7 +13,7 @@ use common::linux_snapshot::{
     linux_snapshot, tcp_reply, CPUS, GATEWAY, GUEST_IP, MEMORY_MIB, SERVICE_PORT, SERVICE_REPLY,
 };
 use common::netns::NetNs;
-use common::{wisp, Session, TempDir};
+use common::{wisp_ok, Session, TempDir};
 
 const MIB_KB: u64 = 1024;
 const CMD: Duration = Duration::from_secs(60);
@@ -73,17 +73,13 @@ fn default_guest_restores_from_its_boot_snapshot_with_console_smp_memory_and_net
     let w = s.query("W", "echo second-generation >/tmp/gen && echo written", CMD);
     assert_eq!(w, "written");
     let again = dir.0.join("again.snap");
-    let out = std::process::Command::new(wisp())
-        .args(["snapshot", api.to_str().expect("utf-8"), "--to"])
-        .arg(&again)
-        .arg("--stop")
-        .output()
-        .expect("wisp snapshot");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wisp_ok(&[
+        "snapshot",
+        api.to_str().expect("utf-8"),
+        "--to",
+        again.to_str().expect("utf-8"),
+        "--stop",
+    ]);
     let (status, stderr) = s.wait(CMD);
     assert_eq!(status, Some(0), "stderr:\n{stderr}");
 

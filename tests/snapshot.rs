@@ -7,32 +7,13 @@ mod common;
 
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{probe, wisp, Session, TempDir};
+use common::{probe, wisp_cmd, wisp_cmd_in, Session, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Counter area: 16 MiB = 4096 pages per round.
 const AREA_MIB: u64 = 16;
-
-fn wisp_cmd(args: &[&str]) -> (i32, String, String) {
-    wisp_cmd_in(args, None)
-}
-
-fn wisp_cmd_in(args: &[&str], dir: Option<&Path>) -> (i32, String, String) {
-    let mut cmd = Command::new(wisp());
-    cmd.args(args);
-    if let Some(d) = dir {
-        cmd.current_dir(d);
-    }
-    let out = cmd.output().expect("run wisp");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")

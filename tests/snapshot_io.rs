@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::netns::{NetNs, PacketSocket};
-use common::{probe, wisp, Session, TempDir};
+use common::{probe, wisp_ok, Session, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SECTORS: u64 = 1000;
@@ -22,27 +22,11 @@ fn s(p: &Path) -> &str {
 }
 
 fn snapshot_stop(api: &Path, to: &Path) {
-    let out = std::process::Command::new(wisp())
-        .args(["snapshot", s(api), "--to", s(to), "--stop"])
-        .output()
-        .expect("wisp snapshot");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wisp_ok(&["snapshot", s(api), "--to", s(to), "--stop"]);
 }
 
 fn stop(session: Session, api: &Path) {
-    let out = std::process::Command::new(wisp())
-        .args(["stop", s(api)])
-        .output()
-        .expect("wisp stop");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wisp_ok(&["stop", s(api)]);
     let (status, stderr) = session.wait(WAIT);
     assert_eq!(status, Some(0), "{stderr}");
 }

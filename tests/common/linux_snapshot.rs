@@ -147,17 +147,14 @@ fn create(dir: &Path) {
             CMD,
         );
         assert_eq!(up, SERVICE_REPLY, "service not answering:\n{}", s.seen);
-        let out = std::process::Command::new(wisp())
-            .args(["snapshot", api.to_str().expect("utf-8"), "--to"])
-            .arg(&dir)
-            .args(["--force", "--stop"])
-            .output()
-            .expect("wisp snapshot");
-        assert!(
-            out.status.success(),
-            "snapshot: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        super::wisp_ok(&[
+            "snapshot",
+            api.to_str().expect("utf-8"),
+            "--to",
+            dir.to_str().expect("utf-8"),
+            "--force",
+            "--stop",
+        ]);
         let (status, stderr) = s.wait(CMD);
         assert_eq!(status, Some(0), "stderr:\n{stderr}");
         assert!(

@@ -87,6 +87,34 @@ pub fn run_cmd(mut cmd: Command, stdin: &[u8], timeout: Duration) -> Output {
     output
 }
 
+/// Runs `wisp ARGS` (a client command such as `stop` or `snapshot`) in `dir` (default:
+/// the test's) to completion: exit code, stdout, stderr.
+pub fn wisp_cmd_in(args: &[&str], dir: Option<&Path>) -> (i32, String, String) {
+    let mut cmd = Command::new(wisp());
+    cmd.args(args);
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let out = cmd.output().expect("run wisp");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`wisp_cmd_in`] in the test's directory.
+pub fn wisp_cmd(args: &[&str]) -> (i32, String, String) {
+    wisp_cmd_in(args, None)
+}
+
+/// Runs `wisp ARGS`, failing the test unless it succeeds; returns its stdout.
+pub fn wisp_ok(args: &[&str]) -> String {
+    let (code, out, err) = wisp_cmd(args);
+    assert_eq!(code, 0, "wisp {args:?}: {err}");
+    out
+}
+
 /// Runs `wisp ARGS` with `stdin`.
 pub fn wisp_run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
     let mut cmd = Command::new(wisp());
