@@ -234,12 +234,17 @@ fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
 /// Runs `wisp restore` on a snapshot that must be refused: one error line containing
 /// `want`, exit status 1, no guest output, no control socket left.
 fn refused(dir: &TempDir, snap: &Path, want: &str) {
+    refused_with(dir, snap, &[], want);
+}
+
+/// [`refused`] with extra `wisp restore` arguments.
+fn refused_with(dir: &TempDir, snap: &Path, extra: &[&str], want: &str) {
     let console = dir.0.join("console.out");
     let _ = std::fs::remove_file(&console);
     let api = dir.0.join("refused.sock");
     let console_arg = format!("file:{}", s(&console));
     let t0 = Instant::now();
-    let (code, _, err) = wisp_cmd(&[
+    let mut args = vec![
         "restore",
         s(snap),
         "--name",
@@ -248,7 +253,9 @@ fn refused(dir: &TempDir, snap: &Path, want: &str) {
         s(&api),
         "--console",
         &console_arg,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (code, _, err) = wisp_cmd(&args);
     assert_eq!(code, 1, "{want}: {err}");
     assert_eq!(err.lines().count(), 1, "{want}: one line: {err}");
     assert!(err.contains(want), "expected {want:?} in: {err}");
@@ -340,6 +347,20 @@ fn corrupt_truncated_mismatched_or_missing_snapshots_are_refused() {
     refused(&dir, &snap, "state");
     std::fs::rename(&moved, &state).expect("move back");
     refused(&dir, &dir.0.join("nothing-here"), "cannot read");
+
+    // Overrides that do not fit the snapshot (it has no disk and no network card).
+    refused_with(
+        &dir,
+        &snap,
+        &["--disk", "/tmp/x.img"],
+        "the snapshot has 0 disk(s)",
+    );
+    refused_with(
+        &dir,
+        &snap,
+        &["--net", "tap=t0"],
+        "the snapshot has 0 network card(s)",
+    );
 
     // After all that, the snapshot itself is intact and restores.
     let (mut b, b_api) = restore(&dir, &snap, "snap-intact");
