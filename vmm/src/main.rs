@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use devices::legacy::serial::SerialOutput;
 use vmm::config::{self, HostLimits, VmConfig};
 use vmm::console::{Console, ConsoleSpec};
 use vmm::host::{self, measure_kernel_mode};
@@ -349,11 +350,7 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         nets,
     };
     config.resolve_macs();
-    let mut console = Console::open(&args.console)?;
-    let output = console
-        .output
-        .take()
-        .context("console output already taken")?;
+    let (console, output) = open_console(&args.console)?;
     let vm = Vm::build(
         kvm,
         &config,
@@ -372,6 +369,16 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         vm.entry()
     );
     run_vm(vm, console, api, &config.name)
+}
+
+/// Opens the console and takes its output side for the guest's UART.
+fn open_console(spec: &ConsoleSpec) -> Result<(Console, SerialOutput)> {
+    let mut console = Console::open(spec)?;
+    let output = console
+        .output
+        .take()
+        .context("console output already taken")?;
+    Ok((console, output))
 }
 
 /// Runs a built or restored VM on `console` until it ends; returns wisp's exit status.
@@ -403,26 +410,21 @@ fn open_checked_kvm() -> Result<kvm_ioctls::Kvm> {
 
 fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
     vmm::signals::block().context("cannot block termination signals")?;
-    let snapshot = vmm::snapshot::load(&args.dir)?;
-    let mut config = snapshot.state.config.clone();
+    let mut snapshot = vmm::snapshot::load(&args.dir)?;
+    let config = &mut snapshot.state.config;
     if let Some(name) = &args.name {
         config::check_name(name)?;
         config.name = name.clone();
     }
     config.override_devices(&args.disk, &args.net)?;
+    let name = config.name.clone();
     let api_path = args
         .api
         .clone()
-        .unwrap_or_else(|| vmm::api::socket_path(&config.name));
+        .unwrap_or_else(|| vmm::api::socket_path(&name));
     let api = vmm::api::ApiServer::bind(&api_path)?;
     let kvm = open_checked_kvm()?;
-    let mut console = Console::open(&args.console)?;
-    let output = console
-        .output
-        .take()
-        .context("console output already taken")?;
-    let mut snapshot = snapshot;
-    snapshot.state.config = config.clone();
+    let (console, output) = open_console(&args.console)?;
     let vm = Vm::restore(
         kvm,
         snapshot,
@@ -432,18 +434,18 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
         },
     )?;
     log::debug!(
-        "{}: restored from {} in {:.1} ms",
-        config.name,
+        "{name}: restored from {} in {:.1} ms",
         args.dir.display(),
         start.elapsed().as_secs_f64() * 1e3
     );
-    run_vm(vm, console, api, &config.name)
+    run_vm(vm, console, api, &name)
 }
 
 fn snapshot(args: SnapshotArgs) -> Result<u8> {
+    // The VM checks the target (before it pauses); it needs an absolute path, since
+    // its working directory is not ours.
     let to = std::path::absolute(&args.to)
         .with_context(|| format!("bad snapshot path {}", args.to.display()))?;
-    vmm::snapshot::check_target(&to, args.force)?;
     let req = vmm::api::Request::Snapshot {
         to,
         force: args.force,

@@ -6,12 +6,33 @@ use std::time::Instant;
 
 use devices::bus::lock;
 use devices::legacy::serial::SerialOutput;
+use devices::legacy::SerialStateError;
+use devices::virtio::persist::PersistError;
 use kvm_ioctls::Kvm;
+use thiserror::Error;
 
-use crate::arch::vm_state;
+use crate::arch::vm_state::{self, VmStateError};
 use crate::memory;
+use crate::snapshot::memory_file::MemoryFileError;
 use crate::snapshot::{memory_file, Loaded};
-use crate::vm::{create_vcpus, create_vm, kvm_err, wire_devices, Vm, VmError, SERIAL_IRQ};
+use crate::vm::{create_vcpus, create_vm, wire_devices, Vm, VmError};
+
+/// A part of the snapshot that could not be loaded into the new VM.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    /// Mapping guest memory from the memory file.
+    #[error(transparent)]
+    Memory(#[from] MemoryFileError),
+    /// The irqchip, PIT or clock.
+    #[error(transparent)]
+    VmState(#[from] VmStateError),
+    /// COM1.
+    #[error("serial: {0}")]
+    Serial(SerialStateError),
+    /// A virtio device.
+    #[error(transparent)]
+    Device(#[from] PersistError),
+}
 
 /// How to restore beyond what the snapshot says.
 pub struct RestoreOptions {
@@ -33,7 +54,7 @@ impl Vm {
         let config = &state.config;
         let vm_fd = create_vm(&kvm)?;
         let mem = memory_file::map_private(memory_fd, &memory_path, &state.memory)
-            .map_err(|e| VmError::Restore(e.to_string()))?;
+            .map_err(RestoreError::from)?;
         memory::register(&vm_fd, &mem)?;
         let wired = wire_devices(
             &vm_fd,
@@ -46,20 +67,14 @@ impl Vm {
         // KVM state first, then devices: a device restore may raise its interrupt,
         // which must land in the restored irqchip and LAPICs, not be overwritten by them.
         let vcpus = create_vcpus(&kvm, &vm_fd, config.cpus, &wired, &mem)?;
-        vm_state::restore(&vm_fd, &state.vm).map_err(|e| VmError::Restore(e.to_string()))?;
+        vm_state::restore(&vm_fd, &state.vm).map_err(RestoreError::from)?;
         for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
             vcpu.restore(saved)?;
         }
-        if let Some(irq) = &wired.serial_irqfd {
-            vm_fd
-                .register_irqfd(irq, SERIAL_IRQ)
-                .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        }
+        wired.connect_serial(&vm_fd)?;
         lock(&wired.i8042).restore(&state.devices.i8042);
         for (transport, saved) in wired.virtio.transports.iter().zip(&state.devices.virtio) {
-            lock(transport)
-                .restore(saved)
-                .map_err(|e| VmError::Restore(e.to_string()))?;
+            lock(transport).restore(saved).map_err(RestoreError::from)?;
         }
         log::debug!(
             "restored {}: {} vCPU(s), {} MiB, {} device(s)",

@@ -32,6 +32,7 @@ use crate::event_loop::{EventLoop, VmInfo};
 use crate::loader;
 use crate::memory::{self, GuestMemory};
 use crate::outcome::{ExitLatch, Outcome};
+use crate::restore::RestoreError;
 use crate::run_control::{RunControl, VcpuThreads};
 use crate::signals::SignalFd;
 use crate::snapshot::Machine;
@@ -85,9 +86,12 @@ pub enum VmError {
     /// Virtio devices and their backends.
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
+    /// What KVM offers for saving vCPU state could not be queried.
+    #[error("cannot query KVM's vCPU state support: {0}")]
+    StateCaps(crate::arch::vcpu_state::VcpuStateError),
     /// Loading a snapshot's state into the new VM.
     #[error("cannot restore the snapshot: {0}")]
-    Restore(String),
+    Restore(#[from] crate::restore::RestoreError),
 }
 
 /// How to build the VM beyond its machine configuration.
@@ -143,8 +147,8 @@ pub(crate) fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
 /// The devices of a VM, wired to its buses and to KVM.
 pub(crate) struct Wired {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
-    /// For a restore: the UART's interrupt, to register once the KVM state is loaded.
-    pub(crate) serial_irqfd: Option<EventFd>,
+    /// The UART's interrupt, registered by [`Wired::connect_serial`].
+    serial_irq: EventFd,
     pub(crate) serial_drained: EventFd,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) virtio: device_manager::VirtioDevices,
@@ -155,7 +159,7 @@ pub(crate) struct Wired {
 }
 
 /// Creates the legacy and virtio devices of `config`; COM1 starts from `serial_state`
-/// when given (a restore; its irqfd is then left for the caller to register).
+/// when given (a restore). The caller connects COM1's interrupt last.
 pub(crate) fn wire_devices(
     vm_fd: &VmFd,
     mem: &GuestMemory,
@@ -173,23 +177,12 @@ pub(crate) fn wire_devices(
 
     let serial_irq = EventFd::new(EFD_NONBLOCK)?;
     let serial_drained = EventFd::new(EFD_NONBLOCK)?;
-    let drained = serial_drained.try_clone()?;
     let irq = serial_irq.try_clone()?;
-    let (serial, serial_irqfd) = match serial_state {
-        // A restored UART may raise its interrupt right away: KVM must see it only
-        // after the irqchip and vCPU state are loaded, so the caller registers the
-        // irqfd then (KVM delivers an event already pending on it).
-        Some(state) => (
-            SerialDevice::from_snapshot(irq, drained, serial_output, state)
-                .map_err(|e| VmError::Restore(format!("serial: {e}")))?,
-            Some(serial_irq),
-        ),
-        None => {
-            vm_fd
-                .register_irqfd(&serial_irq, SERIAL_IRQ)
-                .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-            (SerialDevice::new(irq, drained, serial_output), None)
-        }
+    let drained = serial_drained.try_clone()?;
+    let serial = match serial_state {
+        Some(state) => SerialDevice::from_snapshot(irq, drained, serial_output, state)
+            .map_err(RestoreError::Serial)?,
+        None => SerialDevice::new(irq, drained, serial_output),
     };
     let serial = Arc::new(Mutex::new(serial));
     let boot_timer = BootTimer::new(start);
@@ -215,7 +208,7 @@ pub(crate) fn wire_devices(
     )?;
     Ok(Wired {
         serial,
-        serial_irqfd,
+        serial_irq,
         serial_drained,
         i8042,
         virtio,
@@ -226,6 +219,18 @@ pub(crate) fn wire_devices(
     })
 }
 
+impl Wired {
+    /// Registers COM1's irqfd. Done once the vCPUs and the irqchip have their state: a
+    /// restored UART may raise its interrupt as it is created, and that event, pending
+    /// on the eventfd, is delivered by KVM when the irqfd is registered, so it lands in
+    /// the loaded irqchip instead of being overwritten by it.
+    pub(crate) fn connect_serial(&self, vm_fd: &VmFd) -> Result<(), VmError> {
+        vm_fd
+            .register_irqfd(&self.serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))
+    }
+}
+
 /// Creates the vCPUs of `config` (not yet configured).
 pub(crate) fn create_vcpus(
     kvm: &Kvm,
@@ -234,7 +239,7 @@ pub(crate) fn create_vcpus(
     wired: &Wired,
     mem: &GuestMemory,
 ) -> Result<Vec<Vcpu>, VmError> {
-    let caps = Arc::new(StateCaps::query(kvm).map_err(|e| VmError::Restore(e.to_string()))?);
+    let caps = Arc::new(StateCaps::query(kvm).map_err(VmError::StateCaps)?);
     (0..cpus)
         .map(|index| {
             Vcpu::new(
@@ -266,7 +271,7 @@ impl Vm {
         Self {
             vcpus,
             machine: Some(Machine {
-                vm_fd: Arc::new(vm_fd),
+                vm_fd,
                 mem,
                 config: config.clone(),
                 serial: wired.serial.clone(),
@@ -343,6 +348,7 @@ impl Vm {
                 opts.emulated_kernel_mode,
             )?;
         }
+        wired.connect_serial(&vm_fd)?;
         Ok(Self::assemble(
             kvm,
             vm_fd,

@@ -179,32 +179,54 @@ fn msrs_of(entries: &[kvm_msr_entry]) -> Result<Msrs, VcpuStateError> {
     })
 }
 
-/// Reads every MSR of `list` that KVM lets this vCPU read. KVM_GET_MSRS stops at the
-/// first MSR it cannot read; that one is skipped and the rest are read.
-fn save_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<Msr>, VcpuStateError> {
-    let mut out = Vec::with_capacity(list.len());
-    let mut rest = list;
+/// Runs `op` (KVM_GET_MSRS or KVM_SET_MSRS) over `entries` in chunks. Both stop at the
+/// first MSR KVM refuses and return how many they did: that one is skipped (its index
+/// is returned) and the rest go on. `done` receives the entries KVM handled, as `op`
+/// left them (read values for KVM_GET_MSRS).
+fn msrs_in_chunks(
+    entries: &[kvm_msr_entry],
+    mut op: impl FnMut(&mut Msrs) -> Result<usize, VcpuStateError>,
+    done: &mut Vec<Msr>,
+) -> Result<Vec<u32>, VcpuStateError> {
+    let mut refused = Vec::new();
+    let mut rest = entries;
     while !rest.is_empty() {
         let chunk = &rest[..rest.len().min(MSR_CHUNK)];
-        let entries: Vec<kvm_msr_entry> = chunk
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = msrs_of(&entries)?;
-        let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
-        out.extend(msrs.as_slice()[..n].iter().map(|e| Msr {
+        let mut msrs = msrs_of(chunk)?;
+        let n = op(&mut msrs)?.min(chunk.len());
+        done.extend(msrs.as_slice()[..n].iter().map(|e| Msr {
             index: e.index,
             data: e.data,
         }));
-        if n < chunk.len() {
-            log::debug!("MSR {:#x} is not readable; not saved", chunk[n]);
-            rest = &rest[n + 1..];
-        } else {
-            rest = &rest[chunk.len()..];
+        match chunk.get(n) {
+            Some(bad) => {
+                refused.push(bad.index);
+                rest = &rest[n + 1..];
+            }
+            None => rest = &rest[chunk.len()..],
         }
+    }
+    Ok(refused)
+}
+
+/// Reads every MSR of `list` that KVM lets this vCPU read (one it cannot read is
+/// skipped).
+fn save_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<Msr>, VcpuStateError> {
+    let entries: Vec<kvm_msr_entry> = list
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(list.len());
+    let unreadable = msrs_in_chunks(
+        &entries,
+        |m| fd.get_msrs(m).map_err(kvm_err("KVM_GET_MSRS")),
+        &mut out,
+    )?;
+    for index in unreadable {
+        log::debug!("MSR {index:#x} is not readable; not saved");
     }
     Ok(out)
 }
@@ -213,7 +235,7 @@ fn save_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<Msr>, VcpuStateError> {
 /// MSR KVM refuses is logged and skipped: restoring on a host whose KVM lacks one is
 /// better than not restoring at all.
 fn restore_msrs(fd: &VcpuFd, index: u8, msrs: &[Msr]) -> Result<(), VcpuStateError> {
-    let mut ordered: Vec<kvm_msr_entry> = msrs
+    let ordered: Vec<kvm_msr_entry> = msrs
         .iter()
         .filter(|m| m.index != MSR_IA32_TSC_DEADLINE)
         .chain(msrs.iter().filter(|m| m.index == MSR_IA32_TSC_DEADLINE))
@@ -223,20 +245,11 @@ fn restore_msrs(fd: &VcpuFd, index: u8, msrs: &[Msr]) -> Result<(), VcpuStateErr
             ..Default::default()
         })
         .collect();
-    let mut refused = Vec::new();
-    while !ordered.is_empty() {
-        let take = ordered.len().min(MSR_CHUNK);
-        let chunk: Vec<kvm_msr_entry> = ordered.drain(..take).collect();
-        let n = fd
-            .set_msrs(&msrs_of(&chunk)?)
-            .map_err(kvm_err("KVM_SET_MSRS"))?;
-        if n < chunk.len() {
-            refused.push(chunk[n].index);
-            // Put back what came after the refused one.
-            let tail: Vec<kvm_msr_entry> = chunk[n + 1..].to_vec();
-            ordered.splice(0..0, tail);
-        }
-    }
+    let refused = msrs_in_chunks(
+        &ordered,
+        |m| fd.set_msrs(m).map_err(kvm_err("KVM_SET_MSRS")),
+        &mut Vec::new(),
+    )?;
     if !refused.is_empty() {
         log::warn!(
             "vcpu{index}: KVM refused MSRs {}; they keep their reset values",
@@ -347,6 +360,41 @@ mod tests {
     use super::*;
 
     const MSR_IA32_TSC: u32 = 0x10;
+
+    #[test]
+    fn msr_chunks_skip_what_kvm_refuses_and_go_on() {
+        let entries: Vec<kvm_msr_entry> = (0..150u32)
+            .map(|index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let refuse = [3u32, 64, 149];
+        let mut calls = 0;
+        let mut done = Vec::new();
+        let refused = msrs_in_chunks(
+            &entries,
+            |m| {
+                calls += 1;
+                let slice = m.as_mut_slice();
+                let n = slice
+                    .iter()
+                    .position(|e| refuse.contains(&e.index))
+                    .unwrap_or(slice.len());
+                for e in &mut slice[..n] {
+                    e.data = u64::from(e.index) * 2;
+                }
+                Ok(n)
+            },
+            &mut done,
+        )
+        .unwrap();
+        assert_eq!(refused, refuse);
+        assert_eq!(done.len(), 147);
+        assert!(done.iter().all(|m| !refuse.contains(&m.index)));
+        assert!(done.iter().all(|m| m.data == u64::from(m.index) * 2));
+        assert!(calls >= 3);
+    }
 
     #[test]
     fn fpu_round_trips_through_the_plain_struct() {

@@ -25,7 +25,6 @@ use devices::virtio::persist::TransportState;
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout::ram_ranges;
 use crate::arch::vcpu_state::VcpuState;
@@ -181,7 +180,7 @@ pub struct SnapshotSummary {
 /// What a snapshot needs besides the vCPUs and the virtio devices.
 pub struct Machine {
     /// The VM (irqchip, PIT, clock).
-    pub vm_fd: Arc<VmFd>,
+    pub vm_fd: VmFd,
     /// Guest RAM.
     pub mem: GuestMemory,
     /// The configuration, MACs resolved.
@@ -206,7 +205,8 @@ fn disk_usage(path: &Path) -> u64 {
 }
 
 impl Machine {
-    /// Writes a snapshot of the paused VM to `dir`.
+    /// Writes a snapshot of the paused VM to `dir` (the caller has checked it with
+    /// [`check_target`] before pausing).
     pub fn snapshot(
         &self,
         vcpus: &VcpuThreads,
@@ -215,7 +215,6 @@ impl Machine {
         force: bool,
     ) -> Result<SnapshotSummary, SnapshotError> {
         let t0 = Instant::now();
-        check_target(dir, force)?;
         let vcpu_states = vcpus.save_states().map_err(SnapshotError::Vcpus)?;
         let vm = vm_state::save(&self.vm_fd)?;
         let devices = DevicesState {
@@ -223,16 +222,15 @@ impl Machine {
             i8042: lock(&self.i8042).snapshot(),
             virtio: transports.iter().map(|t| lock(t).save()).collect(),
         };
-        let partial = partial_path(dir);
+        let partial = sibling(dir, "partial");
         let _ = std::fs::remove_dir_all(&partial);
         create_private_dir(&partial)?;
         let result = self.write_files(&partial, vm, vcpu_states, devices);
-        let result = result.and_then(|()| replace_dir(&partial, dir, force));
+        let result = result.and_then(|len| replace_dir(&partial, dir, force).map(|()| len));
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&partial);
         }
-        result?;
-        let memory_bytes = self.mem.iter().map(|r| r.len()).sum();
+        let memory_bytes = result?;
         Ok(SnapshotSummary {
             path: dir.to_path_buf(),
             disk_bytes: disk_usage(&dir.join(STATE_FILE)) + disk_usage(&dir.join(MEMORY_FILE)),
@@ -241,14 +239,17 @@ impl Machine {
         })
     }
 
+    /// Writes the memory file and the state file into `dir`; returns the memory
+    /// file's length (guest RAM).
     fn write_files(
         &self,
         dir: &Path,
         vm: VmState,
         vcpus: Vec<VcpuState>,
         devices: DevicesState,
-    ) -> Result<(), SnapshotError> {
+    ) -> Result<u64, SnapshotError> {
         let memory = memory_file::write(&self.mem, &dir.join(MEMORY_FILE))?;
+        let memory_len = memory.file_len();
         let state = SnapshotState {
             wisp_version: env!("CARGO_PKG_VERSION").to_string(),
             config: self.config.clone(),
@@ -262,13 +263,15 @@ impl Machine {
             path: path.clone(),
             source,
         })?;
-        write_private(&path, &bytes)
+        write_private(&path, &bytes)?;
+        Ok(memory_len)
     }
 }
 
-fn partial_path(dir: &Path) -> PathBuf {
+/// `DIR.TAG-PID`, beside `dir`.
+fn sibling(dir: &Path, tag: &str) -> PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".partial-{}", std::process::id()));
+    name.push(format!(".{tag}-{}", std::process::id()));
     dir.with_file_name(name)
 }
 
@@ -308,9 +311,7 @@ fn replace_dir(partial: &Path, dir: &Path, force: bool) -> Result<(), SnapshotEr
         source,
     };
     let old = if force && dir.symlink_metadata().is_ok() {
-        let mut name = dir.file_name().unwrap_or_default().to_os_string();
-        name.push(format!(".old-{}", std::process::id()));
-        let old = dir.with_file_name(name);
+        let old = sibling(dir, "old");
         std::fs::rename(dir, &old).map_err(werr)?;
         Some(old)
     } else {
