@@ -252,6 +252,28 @@ pub enum PersistError {
     },
 }
 
+impl PersistError {
+    /// Refuses `features` (`what`: "driver features", "acked features") with bits the
+    /// device `name` does not offer.
+    pub fn check_features(
+        name: &str,
+        what: &'static str,
+        features: u64,
+        offered: u64,
+    ) -> Result<(), PersistError> {
+        let unknown = features & !offered;
+        if unknown != 0 {
+            return Err(PersistError::Features {
+                name: name.to_string(),
+                what,
+                features,
+                unknown,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Status bits a driver (or the device, for NEEDS_RESET) can set.
 const KNOWN_STATUS: u32 = status::ACKNOWLEDGE
     | status::DRIVER
@@ -322,11 +344,9 @@ impl MmioTransport {
         }
         let (queues, regs) = self.check(state)?;
         let before = self.device.save();
-        // The device validates its part before changing anything.
+        // The device validates its part before changing anything; its acked features
+        // are the negotiated ones (checked above), so it needs no set_acked_features.
         self.device.restore(&state.device)?;
-        if state.status & status::FEATURES_OK != 0 {
-            self.device.set_acked_features(state.driver_features);
-        }
         let old_queues = mem::replace(&mut self.queues, queues);
         let old_regs = mem::replace(&mut self.regs, regs);
         let old = self.set_registers(&Registers {
@@ -416,15 +436,12 @@ impl MmioTransport {
                 problem,
             });
         }
-        let unknown = state.driver_features & !dev.features();
-        if unknown != 0 {
-            return Err(PersistError::Features {
-                name: name(),
-                what: "driver features",
-                features: state.driver_features,
-                unknown,
-            });
-        }
+        PersistError::check_features(
+            dev.name(),
+            "driver features",
+            state.driver_features,
+            dev.features(),
+        )?;
         let features_ok = state.status & status::FEATURES_OK != 0;
         let negotiated = if features_ok {
             state.driver_features

@@ -223,15 +223,12 @@ impl VirtioDevice for Block {
                 device: self.capacity,
             });
         }
-        let unknown = s.acked_features & !self.features();
-        if unknown != 0 {
-            return Err(PersistError::Features {
-                name: self.name.clone(),
-                what: "acked features",
-                features: s.acked_features,
-                unknown,
-            });
-        }
+        PersistError::check_features(
+            &self.name,
+            "acked features",
+            s.acked_features,
+            self.features(),
+        )?;
         self.acked = s.acked_features;
         Ok(())
     }

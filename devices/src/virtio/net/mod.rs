@@ -381,15 +381,12 @@ impl VirtioDevice for Net {
                 device: "net",
             });
         };
-        let unknown = s.acked_features & !self.features();
-        if unknown != 0 {
-            return Err(PersistError::Features {
-                name: name(),
-                what: "acked features",
-                features: s.acked_features,
-                unknown,
-            });
-        }
+        PersistError::check_features(
+            &self.name,
+            "acked features",
+            s.acked_features,
+            self.features(),
+        )?;
         if s.mac != self.mac() {
             return Err(PersistError::Mac {
                 name: name(),
