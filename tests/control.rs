@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{probe, wisp_cmd, Session, TempDir};
+use common::{complete_lines, probe, wisp_cmd, Session, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -74,7 +74,7 @@ fn status_pause_resume_stop_through_the_cli() {
     while Instant::now() < drain_until {
         s.poll(Duration::from_millis(50));
     }
-    let frozen_at = s.seen.rfind('\n').map_or(0, |i| i + 1);
+    let frozen_at = complete_lines(&s.seen).len();
     // Collect whatever arrives over 1.5 s: nothing new may be printed.
     let deadline = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < deadline {
@@ -83,7 +83,7 @@ fn status_pause_resume_stop_through_the_cli() {
     let before: Vec<u64> = counts(&s.seen[..frozen_at]);
     // Only whole lines count: one cut by the pause ends after the resume.
     let window = &s.seen[frozen_at..];
-    let whole = &window[..window.rfind('\n').map_or(0, |i| i + 1)];
+    let whole = complete_lines(window);
     assert!(
         counts(whole).is_empty(),
         "counter moved while paused:\n{window}"

@@ -9,15 +9,11 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{probe, wisp_cmd, wisp_cmd_in, Session, TempDir};
+use common::{arg, complete_lines, probe, stop_vm, wisp_cmd, wisp_cmd_in, Session, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Counter area: 16 MiB = 4096 pages per round.
 const AREA_MIB: u64 = 16;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// Starts the counter workload under `name` with its control socket in `dir`.
 fn start_counter(dir: &TempDir, name: &str) -> (Session, PathBuf) {
@@ -28,9 +24,9 @@ fn start_counter(dir: &TempDir, name: &str) -> (Session, PathBuf) {
         "--name",
         name,
         "--api",
-        s(&api),
+        arg(&api),
         "--kernel",
-        s(&probe()),
+        arg(&probe()),
         "--cmdline",
         &cmdline,
     ]);
@@ -40,14 +36,13 @@ fn start_counter(dir: &TempDir, name: &str) -> (Session, PathBuf) {
 /// Restores `snap` under `name`.
 fn restore(dir: &TempDir, snap: &Path, name: &str) -> (Session, PathBuf) {
     let api = dir.0.join(format!("{name}.sock"));
-    let session = Session::start(&["restore", s(snap), "--name", name, "--api", s(&api)]);
+    let session = Session::start(&["restore", arg(snap), "--name", name, "--api", arg(&api)]);
     (session, api)
 }
 
 /// (round, count) of every complete counter progress line in `text`.
 fn progress(text: &str) -> Vec<(u64, u64)> {
-    let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    whole
+    complete_lines(text)
         .lines()
         .filter_map(|l| {
             let rest = l.split_once("probe: counter round=")?.1;
@@ -74,16 +69,9 @@ fn wait_progress(s: &mut Session, from: usize, n: usize) -> Vec<(u64, u64)> {
     }
 }
 
-fn stop(s: Session, api: &Path) {
-    let (code, _, err) = wisp_cmd(&["stop", s_path(api)]);
-    assert_eq!(code, 0, "{err}");
-    let (status, stderr) = s.wait(WAIT);
-    assert_eq!(status, Some(0), "stderr:\n{stderr}");
+fn stop(session: Session, api: &Path) {
+    let stderr = stop_vm(session, api, WAIT);
     assert!(!stderr.contains("corrupt"), "{stderr}");
-}
-
-fn s_path(p: &Path) -> &str {
-    s(p)
 }
 
 #[test]
@@ -97,7 +85,7 @@ fn counter_snapshot_restores_twice_side_by_side_with_verified_memory() {
     let before_max = before.iter().map(|p| p.1).max().expect("progress");
 
     let snap = dir.0.join("a.snap");
-    let (code, out, err) = wisp_cmd(&["snapshot", s(&a_api), "--to", s(&snap)]);
+    let (code, out, err) = wisp_cmd(&["snapshot", arg(&a_api), "--to", arg(&snap)]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("snap-a: snapshot written to") && out.contains("VM running"),
@@ -162,7 +150,7 @@ fn counter_snapshot_restores_twice_side_by_side_with_verified_memory() {
 fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
     let dir = TempDir::new("snap-rules");
     let (mut a, api) = start_counter(&dir, "snap-rules");
-    let api_s = s(&api).to_string();
+    let api_s = arg(&api).to_string();
     wait_progress(&mut a, 0, 1);
 
     // A relative --to is relative to the client's working directory.
@@ -174,7 +162,7 @@ fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
     let taken = dir.0.join("taken");
     std::fs::create_dir(&taken).expect("mkdir");
     std::fs::write(taken.join("keep"), b"x").expect("marker");
-    let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", s(&taken)]);
+    let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", arg(&taken)]);
     assert_eq!(code, 1);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
@@ -188,7 +176,7 @@ fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
     // A snapshot that cannot be written (no parent directory) fails cleanly; the VM
     // keeps running and nothing is left behind.
     let nowhere = dir.0.join("no/such/dir");
-    let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", s(&nowhere)]);
+    let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", arg(&nowhere)]);
     assert_eq!(code, 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     let (_, out, _) = wisp_cmd(&["status", &api_s]);
@@ -197,7 +185,7 @@ fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
     wait_progress(&mut a, mark, 1);
 
     // --force replaces the directory with a whole snapshot.
-    let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", s(&taken), "--force"]);
+    let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", arg(&taken), "--force"]);
     assert_eq!(code, 0, "{err}");
     assert!(!taken.join("keep").exists() && taken.join("state").is_file());
     let leftovers: Vec<_> = std::fs::read_dir(&dir.0)
@@ -210,7 +198,7 @@ fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
 
     // A paused VM stays paused after a snapshot.
     assert_eq!(wisp_cmd(&["pause", &api_s]).0, 0);
-    let (code, out, err) = wisp_cmd(&["snapshot", &api_s, "--to", s(&dir.0.join("p.snap"))]);
+    let (code, out, err) = wisp_cmd(&["snapshot", &api_s, "--to", arg(&dir.0.join("p.snap"))]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("VM paused"), "{out}");
     assert_eq!(wisp_cmd(&["resume", &api_s]).0, 0);
@@ -220,7 +208,7 @@ fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
         "snapshot",
         &api_s,
         "--to",
-        s(&dir.0.join("last.snap")),
+        arg(&dir.0.join("last.snap")),
         "--stop",
     ]);
     assert_eq!(code, 0, "{err}");
@@ -242,15 +230,15 @@ fn refused_with(dir: &TempDir, snap: &Path, extra: &[&str], want: &str) {
     let console = dir.0.join("console.out");
     let _ = std::fs::remove_file(&console);
     let api = dir.0.join("refused.sock");
-    let console_arg = format!("file:{}", s(&console));
+    let console_arg = format!("file:{}", arg(&console));
     let t0 = Instant::now();
     let mut args = vec![
         "restore",
-        s(snap),
+        arg(snap),
         "--name",
         "refused",
         "--api",
-        s(&api),
+        arg(&api),
         "--console",
         &console_arg,
     ];
@@ -285,7 +273,7 @@ fn corrupt_truncated_mismatched_or_missing_snapshots_are_refused() {
     let (mut a, api) = start_counter(&dir, "snap-corrupt");
     wait_progress(&mut a, 0, 1);
     let snap = dir.0.join("c.snap");
-    let (code, _, err) = wisp_cmd(&["snapshot", s(&api), "--to", s(&snap), "--stop"]);
+    let (code, _, err) = wisp_cmd(&["snapshot", arg(&api), "--to", arg(&snap), "--stop"]);
     assert_eq!(code, 0, "{err}");
     let (status, _) = a.wait(WAIT);
     assert_eq!(status, Some(0));

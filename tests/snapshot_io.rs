@@ -12,29 +12,18 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::netns::{NetNs, PacketSocket};
-use common::{probe, wisp_ok, Session, TempDir};
+use common::{arg, complete_lines, probe, stop_vm, wisp_ok, Session, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SECTORS: u64 = 1000;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 fn snapshot_stop(api: &Path, to: &Path) {
-    wisp_ok(&["snapshot", s(api), "--to", s(to), "--stop"]);
-}
-
-fn stop(session: Session, api: &Path) {
-    wisp_ok(&["stop", s(api)]);
-    let (status, stderr) = session.wait(WAIT);
-    assert_eq!(status, Some(0), "{stderr}");
+    wisp_ok(&["snapshot", arg(api), "--to", arg(to), "--stop"]);
 }
 
 /// The `k=` of every complete blk-seq progress line.
 fn ks(text: &str) -> Vec<u64> {
-    let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    whole
+    complete_lines(text)
         .lines()
         .filter_map(|l| l.split_once("probe: blk-seq k=")?.1.split_once(' '))
         .filter_map(|(k, _)| k.parse().ok())
@@ -100,11 +89,11 @@ fn block_writes_in_flight_survive_a_snapshot_exactly_once() {
         "--name",
         "snap-blk-a",
         "--api",
-        s(&api),
+        arg(&api),
         "--kernel",
-        s(&probe()),
+        arg(&probe()),
         "--disk",
-        s(&image),
+        arg(&image),
         "--cmdline",
         &cmdline,
     ]);
@@ -120,13 +109,13 @@ fn block_writes_in_flight_survive_a_snapshot_exactly_once() {
     let api_b = dir.0.join("b.sock");
     let mut b = Session::start(&[
         "restore",
-        s(&snap),
+        arg(&snap),
         "--name",
         "snap-blk-b",
         "--api",
-        s(&api_b),
+        arg(&api_b),
         "--disk",
-        s(&copy),
+        arg(&copy),
     ]);
     let after = wait_ks(&mut b, 0, 3);
     let last_before = *before.last().expect("progress");
@@ -141,7 +130,7 @@ fn block_writes_in_flight_survive_a_snapshot_exactly_once() {
         assert!(Instant::now() < deadline, "stalled:\n{}", b.seen);
         b.poll(Duration::from_millis(100));
     }
-    stop(b, &api_b);
+    stop_vm(b, &api_b, WAIT);
     // Every sector holds a complete write for it, all from the last ring's worth.
     let written = check_disk(&copy);
     let (lo, hi) = (
@@ -171,9 +160,9 @@ fn frames_in_flight_survive_a_snapshot_exactly_once_onto_a_new_tap() {
         "--name",
         "snap-net-a",
         "--api",
-        s(&api),
+        arg(&api),
         "--kernel",
-        s(&probe()),
+        arg(&probe()),
         "--net",
         "tap=sn0",
         "--cmdline",
@@ -200,11 +189,11 @@ fn frames_in_flight_survive_a_snapshot_exactly_once_onto_a_new_tap() {
     let api_b = dir.0.join("b.sock");
     let b = Session::start(&[
         "restore",
-        s(&snap),
+        arg(&snap),
         "--name",
         "snap-net-b",
         "--api",
-        s(&api_b),
+        arg(&api_b),
         "--net",
         "tap=sn1",
     ]);
@@ -214,7 +203,7 @@ fn frames_in_flight_survive_a_snapshot_exactly_once_onto_a_new_tap() {
             .unwrap_or_else(|| panic!("no frames after the restore; output:\n{}", b.seen));
         seqs.push(seq_of(&f));
     }
-    stop(b, &api_b);
+    stop_vm(b, &api_b, WAIT);
     let expected: Vec<u32> = (seqs[0]..seqs[0] + seqs.len() as u32).collect();
     assert_eq!(seqs[0], 0, "the stream starts at 0");
     if seqs != expected {

@@ -115,6 +115,25 @@ pub fn wisp_ok(args: &[&str]) -> String {
     out
 }
 
+/// A path as the `&str` wisp's arguments take.
+pub fn arg(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `text` up to and including its last newline: the lines a guest has finished.
+pub fn complete_lines(text: &str) -> &str {
+    &text[..text.rfind('\n').map_or(0, |i| i + 1)]
+}
+
+/// Stops the VM of `session` through its control socket `api`; fails the test unless
+/// wisp then exits with status 0. Returns wisp's stderr.
+pub fn stop_vm(session: Session, api: &Path, timeout: Duration) -> String {
+    wisp_ok(&["stop", arg(api)]);
+    let (status, stderr) = session.wait(timeout);
+    assert_eq!(status, Some(0), "stderr:\n{stderr}");
+    stderr
+}
+
 /// Runs `wisp ARGS` with `stdin`.
 pub fn wisp_run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
     let mut cmd = Command::new(wisp());
