@@ -22,7 +22,7 @@ const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 
 /// Status byte value before the device answers (not a virtio status).
-const NO_ANSWER: u8 = 0xff;
+pub const NO_ANSWER: u8 = 0xff;
 
 pub const SECTOR: usize = 512;
 /// Sectors per request of `blk-write` / `blk-verify`.

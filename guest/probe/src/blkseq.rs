@@ -14,7 +14,7 @@
 //! data buffer), 3c + 2 (status); its head id is 3c. Chains 0..B are the
 //! writes, chain B the read-back, so every id in flight is distinct.
 
-use crate::blk::{self, Blk, SECTOR};
+use crate::blk::{self, Blk, NO_ANSWER, SECTOR};
 use crate::counter::{splitmix64, GOLDEN};
 use crate::virtqueue::{self, Desc, Dma, WaitError};
 use crate::{io, status, tsc};
@@ -31,8 +31,6 @@ const CHAINS: usize = BATCH + 1;
 const WORDS: usize = SECTOR / 8;
 /// No two progress lines closer than this.
 const MIN_GAP_MS: u64 = 200;
-/// Status byte value before the device answers (not a virtio status).
-const NO_ANSWER: u8 = 0xff;
 
 /// Header (device-readable, 16 bytes) and status byte of one chain.
 #[repr(C)]
