@@ -28,7 +28,7 @@ use crate::cmdline;
 use crate::config::VmConfig;
 use crate::console::Input;
 use crate::device_manager::{self, DeviceManagerError};
-use crate::event_loop::{EventLoop, VmInfo};
+use crate::event_loop::EventLoop;
 use crate::loader;
 use crate::memory::{self, GuestMemory};
 use crate::outcome::{ExitLatch, Outcome};
@@ -109,15 +109,14 @@ pub struct Vm {
     // Field order is drop order: vCPUs and the VM fd (in `machine`) go before the memory
     // they map (also in `machine`, after the fd).
     vcpus: Vec<Vcpu>,
-    machine: Option<Machine>,
+    machine: Machine,
     _kvm: Kvm,
-    serial: Arc<Mutex<SerialDevice>>,
     serial_drained: EventFd,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     latch: Arc<ExitLatch>,
     boot_time: Arc<OnceLock<Duration>>,
     entry: Option<EntryPoint>,
-    info: Option<VmInfo>,
+    start: Instant,
 }
 
 pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -270,26 +269,20 @@ impl Vm {
     ) -> Self {
         Self {
             vcpus,
-            machine: Some(Machine {
+            machine: Machine {
                 vm_fd,
                 mem,
                 config: config.clone(),
-                serial: wired.serial.clone(),
+                serial: wired.serial,
                 i8042: wired.i8042,
-            }),
+            },
             _kvm: kvm,
-            serial: wired.serial,
             serial_drained: wired.serial_drained,
             virtio: wired.virtio.transports,
             latch: wired.latch,
             boot_time: wired.boot_time,
             entry,
-            info: Some(VmInfo {
-                name: config.name.clone(),
-                cpus: config.cpus,
-                memory_mib: config.memory_mib,
-                start,
-            }),
+            start,
         }
     }
 
@@ -373,24 +366,34 @@ impl Vm {
 
     /// Runs the VM until the guest stops, crashes, or the user, a signal or the control
     /// socket `api` ends it.
-    pub fn run(mut self, input: Option<Input>, api: Option<ApiServer>) -> Result<Outcome, VmError> {
+    pub fn run(self, input: Option<Input>, api: Option<ApiServer>) -> Result<Outcome, VmError> {
+        let Vm {
+            vcpus,
+            machine,
+            _kvm,
+            serial_drained,
+            virtio,
+            latch,
+            start,
+            ..
+        } = self;
         vcpu::install_kick_handler()?;
         let signals = SignalFd::new()?;
         let mut event_loop = EventLoop::new(
-            self.latch.clone(),
-            self.serial.clone(),
-            self.serial_drained.try_clone()?,
+            latch.clone(),
+            serial_drained,
             signals,
             input,
-            std::mem::take(&mut self.virtio),
-            api.zip(self.info.take()),
-            self.machine.take(),
+            virtio,
+            api,
+            machine,
+            start,
         )?;
         let control = Arc::new(RunControl::default());
-        let mut threads = VcpuThreads::new(control.clone(), self.vcpus.len());
+        let mut threads = VcpuThreads::new(control.clone(), vcpus.len());
         let mut spawn_error = None;
-        for vcpu in self.vcpus.drain(..) {
-            match vcpu.spawn(control.clone(), self.latch.clone()) {
+        for vcpu in vcpus {
+            match vcpu.spawn(control.clone(), latch.clone()) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     spawn_error = Some(e);

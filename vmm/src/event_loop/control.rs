@@ -11,7 +11,6 @@
 //! leaves the VM as it was.
 
 use std::path::Path;
-use std::time::Instant;
 
 use devices::bus::lock;
 
@@ -21,39 +20,26 @@ use crate::outcome::Outcome;
 use crate::run_control::{VcpuThreads, PAUSE_TIMEOUT};
 use crate::snapshot::{check_target, SnapshotSummary};
 
-/// What `status` reports that the loop does not otherwise know.
-pub struct VmInfo {
-    /// VM name.
-    pub name: String,
-    /// vCPUs.
-    pub cpus: u8,
-    /// Guest RAM in MiB.
-    pub memory_mib: u64,
-    /// wisp's start.
-    pub start: Instant,
-}
-
-/// The control socket and the facts it reports.
+/// The control socket.
 pub(super) struct Api {
     pub(super) server: ApiServer,
-    pub(super) info: VmInfo,
 }
 
 impl EventLoop {
-    fn status(&self) -> Option<Status> {
-        let api = self.api.as_ref()?;
-        Some(Status {
-            name: api.info.name.clone(),
+    fn status(&self) -> Status {
+        let config = &self.machine.config;
+        Status {
+            name: config.name.clone(),
             state: if self.pending.is_some() {
                 "paused".into()
             } else {
                 "running".into()
             },
-            cpus: api.info.cpus,
-            memory_mib: api.info.memory_mib,
-            uptime_s: api.info.start.elapsed().as_secs_f64(),
+            cpus: config.cpus,
+            memory_mib: config.memory_mib,
+            uptime_s: self.start.elapsed().as_secs_f64(),
             pid: std::process::id(),
-        })
+        }
     }
 
     /// Answers every waiting client.
@@ -79,7 +65,7 @@ impl EventLoop {
             let response = match result {
                 Ok(()) => Response {
                     ok: true,
-                    status: self.status(),
+                    status: Some(self.status()),
                     error: None,
                     snapshot,
                 },
@@ -120,17 +106,14 @@ impl EventLoop {
             return Err(format!("snapshot path {} is not absolute", to.display()));
         }
         check_target(to, force).map_err(|e| e.to_string())?;
-        let Some(machine) = self.machine.take() else {
-            return Err("this VM cannot be snapshotted".into());
-        };
         let was_paused = self.pending.is_some();
         let result = match self.pause(vcpus) {
-            Ok(()) => machine
+            Ok(()) => self
+                .machine
                 .snapshot(vcpus, &self.devices, to, force)
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
-        self.machine = Some(machine);
         let stopping = stop && result.is_ok();
         let resume = !was_paused && !stopping;
         match &result {

@@ -5,14 +5,12 @@
 
 mod control;
 
-pub use control::VmInfo;
-
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use devices::bus::lock;
-use devices::legacy::SerialDevice;
 use devices::virtio::mmio::MmioTransport;
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -22,6 +20,7 @@ use crate::console::{EscapeFilter, Input, InputSource};
 use crate::outcome::{ExitLatch, Outcome};
 use crate::run_control::VcpuThreads;
 use crate::signals::SignalFd;
+use crate::snapshot::Machine;
 
 const TOKEN_LATCH: u64 = 0;
 const TOKEN_INPUT: u64 = 1;
@@ -68,7 +67,6 @@ fn watch_backend(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
 pub struct EventLoop {
     epoll: Epoll,
     latch: Arc<ExitLatch>,
-    serial: Arc<Mutex<SerialDevice>>,
     drained: EventFd,
     signals: SignalFd,
     console: Option<ConsoleIn>,
@@ -78,23 +76,26 @@ pub struct EventLoop {
     api: Option<control::Api>,
     /// While paused: device events seen, per device (queue bits, backend epoll mask).
     pending: Option<Vec<(u64, u32)>>,
-    /// What snapshots need.
-    machine: Option<crate::snapshot::Machine>,
+    /// The VM, its memory, configuration and legacy devices (status, console input,
+    /// snapshots).
+    machine: Machine,
+    /// wisp's start, for the uptime.
+    start: Instant,
 }
 
 impl EventLoop {
     /// A loop over `latch`, the UART's drained event, `signals`, console `input`, the
-    /// virtio `devices` and the control socket `api`.
+    /// virtio `devices` and the control socket `api`, for the VM of `machine`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         latch: Arc<ExitLatch>,
-        serial: Arc<Mutex<SerialDevice>>,
         drained: EventFd,
         signals: SignalFd,
         input: Option<Input>,
         devices: Vec<Arc<Mutex<MmioTransport>>>,
-        api: Option<(crate::api::ApiServer, VmInfo)>,
-        machine: Option<crate::snapshot::Machine>,
+        api: Option<crate::api::ApiServer>,
+        machine: Machine,
+        start: Instant,
     ) -> Result<Self, EventLoopError> {
         let epoll = Epoll::new()?;
         let add = |fd: RawFd, token: u64| {
@@ -107,7 +108,7 @@ impl EventLoop {
         add(latch.eventfd().as_raw_fd(), TOKEN_LATCH)?;
         add(drained.as_raw_fd(), TOKEN_DRAINED)?;
         add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
-        if let Some((server, _)) = &api {
+        if let Some(server) = &api {
             add(server.listener().as_raw_fd(), TOKEN_API)?;
         }
         let mut backends = Vec::with_capacity(devices.len());
@@ -134,15 +135,15 @@ impl EventLoop {
         Ok(Self {
             epoll,
             latch,
-            serial,
             drained,
             signals,
             console,
             devices,
             backends,
-            api: api.map(|(server, info)| control::Api { server, info }),
+            api: api.map(|server| control::Api { server }),
             pending: None,
             machine,
+            start,
         })
     }
 
@@ -307,7 +308,7 @@ impl EventLoop {
                 return Ok(());
             };
             if c.pos < c.pending.len() {
-                let n = lock(&self.serial).enqueue_input(&c.pending[c.pos..]);
+                let n = lock(&self.machine.serial).enqueue_input(&c.pending[c.pos..]);
                 c.pos += n;
             }
             let backlog = c.pos < c.pending.len();
@@ -319,7 +320,7 @@ impl EventLoop {
                 return Ok(());
             }
             if is_file {
-                let room = lock(&self.serial).fifo_capacity() > 0;
+                let room = lock(&self.machine.serial).fifo_capacity() > 0;
                 if !room || !self.read_chunk()? {
                     return Ok(());
                 }
