@@ -133,6 +133,18 @@ pub struct Response {
     pub snapshot: Option<crate::snapshot::SnapshotSummary>,
 }
 
+impl Response {
+    /// A request that was not carried out, and why.
+    pub fn refused(error: String) -> Self {
+        Response {
+            ok: false,
+            status: None,
+            error: Some(error),
+            snapshot: None,
+        }
+    }
+}
+
 /// Where control sockets live: `$XDG_RUNTIME_DIR/wisp`, else `/run/wisp` for root,
 /// else `/tmp/wisp-$UID`.
 pub fn socket_dir() -> PathBuf {
@@ -228,15 +240,7 @@ impl ApiServer {
             };
             match read_request(&stream) {
                 Ok(r) => return Some((stream, r)),
-                Err(why) => answer(
-                    stream,
-                    &Response {
-                        ok: false,
-                        status: None,
-                        error: Some(why),
-                        snapshot: None,
-                    },
-                ),
+                Err(why) => answer(stream, &Response::refused(why)),
             }
         }
     }

@@ -69,12 +69,7 @@ impl EventLoop {
                     error: None,
                     snapshot,
                 },
-                Err(e) => Response {
-                    ok: false,
-                    status: None,
-                    error: Some(e),
-                    snapshot: None,
-                },
+                Err(e) => Response::refused(e),
             };
             api::answer(stream, &response);
         }
