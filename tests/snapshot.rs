@@ -184,10 +184,26 @@ fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
     let mark = a.seen.len();
     wait_progress(&mut a, mark, 1);
 
-    // --force replaces the directory with a whole snapshot.
-    let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", arg(&taken), "--force"]);
+    // --force does not replace what is not a snapshot: a directory of the user's, a
+    // file, a snapshot directory with something of the user's in it.
+    let file = dir.0.join("file.txt");
+    std::fs::write(&file, b"keep").expect("file");
+    let rel = dir.0.join("rel.snap");
+    std::fs::write(rel.join("notes"), b"mine").expect("notes");
+    for target in [&taken, &file, &rel] {
+        let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", arg(target), "--force"]);
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("is not a wisp snapshot"), "{err}");
+    }
+    assert!(taken.join("keep").is_file() && file.is_file() && rel.join("notes").is_file());
+    std::fs::remove_file(rel.join("notes")).expect("rm notes");
+
+    // --force replaces an earlier snapshot with a whole new one.
+    let before = std::fs::read(rel.join("state")).expect("state");
+    let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", arg(&rel), "--force"]);
     assert_eq!(code, 0, "{err}");
-    assert!(!taken.join("keep").exists() && taken.join("state").is_file());
+    assert_ne!(std::fs::read(rel.join("state")).expect("state"), before);
     let leftovers: Vec<_> = std::fs::read_dir(&dir.0)
         .expect("list")
         .filter_map(|e| e.ok())

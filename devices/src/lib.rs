@@ -6,6 +6,7 @@
 //! a migration is exposed as plain serde structs.
 
 pub mod bus;
+pub mod host_file;
 pub mod legacy;
 pub mod stop;
 pub mod virtio;

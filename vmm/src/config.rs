@@ -115,9 +115,51 @@ pub enum ConfigError {
     /// Restore overrides that do not fit the snapshot.
     #[error("{0}")]
     BadOverride(String),
+    /// One image behind two disks.
+    #[error("--disk {} is given twice (disks {first} and {second} are the same file); each image backs one disk", path.display())]
+    DiskTwice {
+        /// The image.
+        path: PathBuf,
+        /// Index of the first disk using it.
+        first: usize,
+        /// Index of the second.
+        second: usize,
+    },
 }
 
 impl VmConfig {
+    /// Checks everything wisp requires of a machine configuration, wherever it comes
+    /// from: `wisp run`'s options, a snapshot's state or a migration stream (both
+    /// untrusted). Nothing may start before this passes.
+    pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        check_name(&self.name)?;
+        check_cpus(u64::from(self.cpus), limits)?;
+        check_memory(self.memory_mib, limits)?;
+        check_devices(self.disks.len(), self.nets.len())?;
+        for disk in &self.disks {
+            check_disk(disk)?;
+        }
+        check_disks_distinct(&self.disks)?;
+        for net in &self.nets {
+            let bad = |why: &str| ConfigError::BadNet {
+                spec: format!("{:?}", net.backend),
+                why: why.to_string(),
+            };
+            match &net.backend {
+                NetBackend::Tap(n) | NetBackend::Bridge(n) if !valid_ifname(n) => {
+                    return Err(bad(
+                        "interface names are 1 to 15 characters without '/', ' ' or ':'",
+                    ))
+                }
+                _ => {}
+            }
+            if net.mac.is_some_and(|m| m.is_multicast()) {
+                return Err(bad("mac must be a unicast address (first byte even)"));
+            }
+        }
+        Ok(())
+    }
+
     /// Gives every network card without `mac=` its derived MAC, so the configuration
     /// says what the guest sees (a snapshot restored under another name keeps it).
     pub fn resolve_macs(&mut self) {
@@ -227,6 +269,46 @@ pub fn check_name(name: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::BadName(name.to_string()))
     }
+}
+
+/// Checks one disk's options (what [`parse_disk`] would accept).
+fn check_disk(disk: &BlockConfig) -> Result<(), ConfigError> {
+    let bad = |why: &str| ConfigError::BadDisk {
+        spec: disk.path.display().to_string(),
+        why: why.to_string(),
+    };
+    if disk.path.as_os_str().is_empty() {
+        return Err(bad("no image path"));
+    }
+    if disk.id.len() > 20 || !disk.id.is_ascii() {
+        return Err(bad("id must be 1 to 20 ASCII characters"));
+    }
+    Ok(())
+}
+
+/// Refuses one image behind two disks (the second open would fail on the first's
+/// lock, with a message about another process). Paths that do not resolve are
+/// compared as written; opening them fails later with its own message.
+fn check_disks_distinct(disks: &[BlockConfig]) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let ids: Vec<Result<(u64, u64), &PathBuf>> = disks
+        .iter()
+        .map(|d| {
+            std::fs::metadata(&d.path)
+                .map(|m| (m.dev(), m.ino()))
+                .map_err(|_| &d.path)
+        })
+        .collect();
+    for (second, id) in ids.iter().enumerate() {
+        if let Some(first) = ids[..second].iter().position(|earlier| earlier == id) {
+            return Err(ConfigError::DiskTwice {
+                path: disks[second].path.clone(),
+                first,
+                second,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Parses `--disk PATH[,ro][,id=NAME]`.

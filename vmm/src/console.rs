@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use devices::host_file::{self, Accept};
 use devices::legacy::serial::SerialOutput;
 use thiserror::Error;
 
@@ -90,11 +91,12 @@ impl Console {
                 raw: None,
             }),
             ConsoleSpec::File(path) => {
-                let f = File::options()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| ConsoleError::File(path.clone(), e))?;
+                let f = host_file::open(
+                    path,
+                    File::options().create(true).append(true),
+                    Accept::Output,
+                )
+                .map_err(|e| ConsoleError::File(path.clone(), e))?;
                 Ok(Self {
                     output: Some(Box::new(f)),
                     input: None,

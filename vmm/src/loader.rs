@@ -5,8 +5,9 @@
 //! - `bzImage`: the 64-bit boot protocol (protected-mode kernel at 1 MiB, entry at +0x200);
 //! - initrd: page-aligned at the top of low RAM, below the kernel's `initrd_addr_max`.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+
+use devices::host_file;
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
@@ -133,7 +134,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
     mem_size: u64,
     path: &Path,
 ) -> Result<LoadedKernel, LoaderError> {
-    let mut file = File::open(path).map_err(read_err("kernel", path))?;
+    let mut file = host_file::open_regular(path).map_err(read_err("kernel", path))?;
     let mut head = Vec::with_capacity(HEADER_PROBE_LEN);
     (&mut file)
         .take(HEADER_PROBE_LEN as u64)
@@ -190,7 +191,7 @@ pub fn load_initrd<M: GuestMemoryBackend>(
     kernel: &LoadedKernel,
     path: &Path,
 ) -> Result<(u64, u64), LoaderError> {
-    let mut file = File::open(path).map_err(read_err("initrd", path))?;
+    let mut file = host_file::open_regular(path).map_err(read_err("initrd", path))?;
     let size = file.metadata().map_err(read_err("initrd", path))?.len();
     let addr = initrd_address(size, mem_size, kernel).ok_or_else(|| LoaderError::InitrdTooBig {
         path: path.to_path_buf(),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use devices::legacy::serial::SerialOutput;
 use vmm::config::{self, HostLimits, VmConfig};
 use vmm::console::{Console, ConsoleSpec};
@@ -187,12 +187,12 @@ struct RunArgs {
 
     /// Number of vCPUs (1 to the host's KVM limit, at most 254). The guest sees them
     /// through an MP table, as one socket with that many cores.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = whole_number, allow_negative_numbers = true)]
     cpus: u64,
 
     /// Guest RAM in MiB (at least 16, at most the host's RAM). Memory is allocated
     /// lazily: an idle guest costs only what it touches.
-    #[arg(long, value_name = "MiB", default_value_t = 128)]
+    #[arg(long, value_name = "MiB", default_value_t = 128, value_parser = whole_number, allow_negative_numbers = true)]
     memory: u64,
 
     /// Where the serial console goes: `stdio` (this terminal or pipes), `file:PATH`
@@ -233,6 +233,46 @@ struct RunArgs {
     /// /run/wisp/NAME.sock for root, else /tmp/wisp-$UID/NAME.sock.
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
+}
+
+/// A count on the command line (negative numbers reach here too, so the message can
+/// say what is wrong with them).
+fn whole_number(s: &str) -> Result<u64, String> {
+    s.parse()
+        .map_err(|_| "expected a whole number such as 256".to_string())
+}
+
+/// A command-line error from clap as wisp's one line: clap's message with its listed
+/// items and tips, and where to read more (its usage block is left out).
+fn clap_one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let mut lines = text.lines();
+    let mut out = lines
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .trim_end_matches(':')
+        .to_string();
+    let mut items = Vec::new();
+    for line in lines.take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more")) {
+        match line.trim() {
+            "" => {}
+            l if l.starts_with("tip:") => out.push_str(&format!("; {l}")),
+            l => items.push(l.to_string()),
+        }
+    }
+    if !items.is_empty() {
+        out.push_str(&format!(": {}", items.join(", ")));
+    }
+    let sub = std::env::args().nth(1).filter(|a| {
+        Cli::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == a.as_str())
+    });
+    match sub {
+        Some(c) => format!("{out}; see `wisp {c} --help`"),
+        None => format!("{out}; see `wisp --help`"),
+    }
 }
 
 fn init_logging() {
@@ -289,35 +329,25 @@ fn resolve_kernel(args: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
 }
 
 fn check_readable(what: &str, path: &Path) -> Result<()> {
-    std::fs::File::open(path)
+    devices::host_file::open_regular(path)
         .map(drop)
         .with_context(|| format!("cannot read {what} {}", path.display()))
 }
 
 fn run(args: RunArgs, start: Instant) -> Result<u8> {
-    // Before any thread exists: INT/TERM/HUP must reach the event loop's signalfd, so
-    // wisp always stops the VM, reaps passt and restores the terminal.
-    vmm::signals::block().context("cannot block termination signals")?;
+    // Everything that can be checked is checked first, before anything is created.
     let name = args
         .name
         .clone()
         .unwrap_or_else(|| format!("wisp-{}", std::process::id()));
     config::check_name(&name)?;
-    let api_path = args
-        .api
-        .clone()
-        .unwrap_or_else(|| vmm::api::socket_path(&name));
-    let api = vmm::api::ApiServer::bind(&api_path)?;
     let (kernel, initrd) = resolve_kernel(&args)?;
     check_readable("kernel", &kernel)?;
     if let Some(i) = &initrd {
         check_readable("initrd", i)?;
     }
     let kvm = open_checked_kvm()?;
-    let limits = HostLimits {
-        max_vcpus: kvm.get_max_vcpus() as u64,
-        ram_mib: config::host_ram_mib().unwrap_or(u64::MAX),
-    };
+    let limits = host_limits(&kvm);
     let disks = args
         .disk
         .iter()
@@ -328,10 +358,23 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         .iter()
         .map(|n| config::parse_net(n))
         .collect::<Result<Vec<_>, _>>()?;
-    config::check_devices(disks.len(), nets.len())?;
-    let cpus = config::check_cpus(args.cpus, &limits)?;
-    let memory_mib = config::check_memory(args.memory, &limits)?;
+    let mut config = VmConfig {
+        name,
+        kernel,
+        initrd,
+        cmdline: args.cmdline.clone(),
+        cpus: config::check_cpus(args.cpus, &limits)?,
+        memory_mib: config::check_memory(args.memory, &limits)?,
+        disks,
+        nets,
+    };
+    config.resolve_macs();
+    config.validate(&limits)?;
 
+    // Before any thread exists: INT/TERM/HUP must reach the event loop's signalfd, so
+    // wisp always stops the VM, reaps passt and restores the terminal.
+    vmm::signals::block().context("cannot block termination signals")?;
+    let api = bind_api(args.api.as_deref(), &config.name)?;
     let speed = measure_kernel_mode(&kvm, RUN_PROBE_ITERATIONS)?;
     if speed.emulated() {
         log::info!(
@@ -339,17 +382,6 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
             speed.instructions_per_sec / 1e6
         );
     }
-    let mut config = VmConfig {
-        name,
-        kernel,
-        initrd,
-        cmdline: args.cmdline.clone(),
-        cpus,
-        memory_mib,
-        disks,
-        nets,
-    };
-    config.resolve_macs();
     let (console, output) = open_console(&args.console)?;
     let vm = Vm::build(
         kvm,
@@ -369,6 +401,15 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         vm.entry()
     );
     run_vm(vm, console, api, &config.name)
+}
+
+/// The control socket: `--api PATH`, else VM `name`'s socket in wisp's runtime
+/// directory.
+fn bind_api(api: Option<&Path>, name: &str) -> Result<vmm::api::ApiServer> {
+    Ok(match api {
+        Some(path) => vmm::api::ApiServer::bind(path)?,
+        None => vmm::api::ApiServer::bind_default(name)?,
+    })
 }
 
 /// Opens the console and takes its output side for the guest's UART.
@@ -409,21 +450,37 @@ fn open_checked_kvm() -> Result<kvm_ioctls::Kvm> {
 }
 
 fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
-    vmm::signals::block().context("cannot block termination signals")?;
-    let mut snapshot = vmm::snapshot::load(&args.dir)?;
-    let config = &mut snapshot.state.config;
-    if let Some(name) = &args.name {
-        config::check_name(name)?;
-        config.name = name.clone();
+    // Everything is checked before anything is created: the state, the overrides, the
+    // configuration (the same checks as `wisp run`'s: the file is untrusted), then the
+    // memory file.
+    let mut state = vmm::snapshot::read_state(&args.dir)?;
+    let config = &mut state.config;
+    match &args.name {
+        Some(name) => {
+            config::check_name(name)?;
+            config.name = name.clone();
+        }
+        None => {
+            if config::check_name(&config.name).is_err() {
+                bail!(
+                    "the snapshot's VM name {:?} is not a valid name; restore it with --name NAME",
+                    config.name
+                );
+            }
+        }
     }
     config.override_devices(&args.disk, &args.net)?;
-    let name = config.name.clone();
-    let api_path = args
-        .api
-        .clone()
-        .unwrap_or_else(|| vmm::api::socket_path(&name));
-    let api = vmm::api::ApiServer::bind(&api_path)?;
     let kvm = open_checked_kvm()?;
+    config.validate(&host_limits(&kvm)).with_context(|| {
+        format!(
+            "the snapshot in {} cannot run on this host",
+            args.dir.display()
+        )
+    })?;
+    let name = config.name.clone();
+    let snapshot = vmm::snapshot::open_memory(&args.dir, state)?;
+    vmm::signals::block().context("cannot block termination signals")?;
+    let api = bind_api(args.api.as_deref(), &name)?;
     let (console, output) = open_console(&args.console)?;
     let vm = Vm::restore(
         kvm,
@@ -439,6 +496,14 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
         start.elapsed().as_secs_f64() * 1e3
     );
     run_vm(vm, console, api, &name)
+}
+
+/// What this host allows a VM.
+fn host_limits(kvm: &kvm_ioctls::Kvm) -> HostLimits {
+    HostLimits {
+        max_vcpus: kvm.get_max_vcpus() as u64,
+        ram_mib: config::host_ram_mib().unwrap_or(u64::MAX),
+    }
 }
 
 fn snapshot(args: SnapshotArgs) -> Result<u8> {
@@ -505,6 +570,22 @@ fn print_status(list: &[vmm::api::Status]) {
     }
 }
 
+fn ls() -> Result<u8> {
+    let listing = vmm::api::list();
+    let running: Vec<_> = listing.running.into_iter().map(|(_, s)| s).collect();
+    print_status(&running);
+    for path in &listing.removed {
+        eprintln!(
+            "wisp: removed stale control socket {} (the wisp that made it is gone)",
+            path.display()
+        );
+    }
+    for (path, e) in &listing.failed {
+        eprintln!("wisp: {}: {e}", path.display());
+    }
+    Ok(0)
+}
+
 fn doctor() -> Result<u8> {
     let kvm = host::open_kvm()?;
     let report = vmm::doctor::run(&kvm, vmm::doctor::DOCTOR_ITERATIONS);
@@ -531,16 +612,27 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            eprintln!("wisp: error: {}", clap_one_line(&e));
+            return ExitCode::from(1);
+        }
+    };
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run(args, start),
         Command::Doctor => doctor(),
-        Command::Ls => {
-            let list: Vec<_> = vmm::api::list().into_iter().map(|(_, s)| s).collect();
-            print_status(&list);
-            Ok(0)
-        }
+        Command::Ls => ls(),
         Command::Status(t) => control(&t, vmm::api::Request::Status),
         Command::Pause(t) => control(&t, vmm::api::Request::Pause),
         Command::Resume(t) => control(&t, vmm::api::Request::Resume),

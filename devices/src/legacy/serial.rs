@@ -429,7 +429,7 @@ mod tests {
             feed_in: None,
             rng: 0x2545_f491,
         };
-        let mut reg = |d: &mut SerialDevice, vmm: &mut Vmm, off: u64| {
+        let reg = |d: &mut SerialDevice, vmm: &mut Vmm, off: u64| {
             let mut b = [0u8];
             d.read(0x3f8, off, &mut b);
             vmm.step(d, false);

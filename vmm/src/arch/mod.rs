@@ -4,6 +4,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod gdt;
+pub mod kvm_serde;
 pub mod layout;
 pub mod mptable;
 pub mod regs;

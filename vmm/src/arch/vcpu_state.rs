@@ -120,26 +120,35 @@ pub struct VcpuState {
     /// The vCPU's index (its APIC ID).
     pub index: u8,
     /// The CPUID the guest sees.
+    #[serde(with = "super::kvm_serde::exact_vec")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Running, halted, waiting for INIT/SIPI...
+    #[serde(with = "super::kvm_serde::exact")]
     pub mp_state: kvm_mp_state,
     /// General-purpose registers.
+    #[serde(with = "super::kvm_serde::exact")]
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers.
+    #[serde(with = "super::kvm_serde::exact")]
     pub sregs: kvm_sregs,
     /// Legacy FPU/SSE state.
     pub fpu: FpuState,
     /// The XSAVE area, where KVM supports it (it supersedes `fpu`).
+    #[serde(with = "super::kvm_serde::exact_opt")]
     pub xsave: Option<kvm_xsave>,
     /// Extended control registers (XCR0), where supported.
+    #[serde(with = "super::kvm_serde::exact_opt")]
     pub xcrs: Option<kvm_xcrs>,
     /// Debug registers.
+    #[serde(with = "super::kvm_serde::exact")]
     pub debug_regs: kvm_debugregs,
     /// The local APIC's registers.
+    #[serde(with = "super::kvm_serde::exact")]
     pub lapic: kvm_lapic_state,
     /// Every MSR of KVM's list that this vCPU could read.
     pub msrs: Vec<Msr>,
     /// Pending exceptions, interrupts, NMIs and SMIs.
+    #[serde(with = "super::kvm_serde::exact")]
     pub events: kvm_vcpu_events,
     /// The guest TSC frequency in kHz, if KVM reports it.
     pub tsc_khz: Option<u32>,

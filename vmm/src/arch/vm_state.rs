@@ -27,14 +27,19 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmStateError {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
     /// The master 8259.
+    #[serde(with = "super::kvm_serde::exact")]
     pub pic_master: kvm_irqchip,
     /// The slave 8259.
+    #[serde(with = "super::kvm_serde::exact")]
     pub pic_slave: kvm_irqchip,
     /// The IOAPIC.
+    #[serde(with = "super::kvm_serde::exact")]
     pub ioapic: kvm_irqchip,
     /// The 8254 PIT.
+    #[serde(with = "super::kvm_serde::exact")]
     pub pit: kvm_pit_state2,
     /// The KVM clock (kvmclock's time base).
+    #[serde(with = "super::kvm_serde::exact")]
     pub clock: kvm_clock_data,
 }
 

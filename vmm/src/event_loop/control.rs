@@ -14,27 +14,33 @@ use std::path::Path;
 
 use devices::bus::lock;
 
-use super::{EventLoop, EventLoopError};
-use crate::api::{self, ApiServer, Request, Response, Status};
+use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+
+use super::{EventLoop, EventLoopError, TOKEN_CLIENTS};
+use crate::api::{ApiServer, Connections, Request, Response, Status};
 use crate::outcome::Outcome;
 use crate::run_control::{VcpuThreads, PAUSE_TIMEOUT};
 use crate::snapshot::{check_target, SnapshotSummary};
 
-/// The control socket.
+/// The control socket and its connected clients.
 pub(super) struct Api {
     pub(super) server: ApiServer,
+    pub(super) clients: Connections,
 }
 
 impl EventLoop {
     fn status(&self) -> Status {
         let config = &self.machine.config;
+        let state = if self.latch.get().is_some() {
+            "stopping"
+        } else if self.pending.is_some() {
+            "paused"
+        } else {
+            "running"
+        };
         Status {
             name: config.name.clone(),
-            state: if self.pending.is_some() {
-                "paused".into()
-            } else {
-                "running".into()
-            },
+            state: state.into(),
             cpus: config.cpus,
             memory_mib: config.memory_mib,
             uptime_s: self.start.elapsed().as_secs_f64(),
@@ -42,37 +48,51 @@ impl EventLoop {
         }
     }
 
-    /// Answers every waiting client.
-    pub(super) fn control_requests(&mut self, vcpus: &VcpuThreads) -> Result<(), EventLoopError> {
-        loop {
-            let Some((stream, req)) = self.api.as_ref().and_then(|a| a.server.next_request())
-            else {
-                return Ok(());
-            };
-            let mut snapshot = None;
-            let result = match req {
-                Request::Status => Ok(()),
-                Request::Pause => self.pause(vcpus),
-                Request::Resume => self.resume(vcpus),
-                Request::Stop => {
-                    self.latch.set(Outcome::Stopped);
-                    Ok(())
-                }
-                Request::Snapshot { to, force, stop } => self
-                    .snapshot(vcpus, &to, force, stop)
-                    .map(|s| snapshot = Some(s)),
-            };
-            let response = match result {
-                Ok(()) => Response {
-                    ok: true,
-                    status: Some(self.status()),
-                    error: None,
-                    snapshot,
-                },
-                Err(e) => Response::refused(e),
-            };
-            api::answer(stream, &response);
-        }
+    /// Accepts the clients waiting on the control socket and watches each.
+    pub(super) fn accept_clients(&mut self) -> Result<(), EventLoopError> {
+        let Some(api) = self.api.as_mut() else {
+            return Ok(());
+        };
+        let epoll = &self.epoll;
+        api.clients.accept(&api.server, |fd, slot| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_CLIENTS + slot as u64),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Reads from the client in `slot` and, once its request line is complete,
+    /// carries it out and answers.
+    pub(super) fn client_request(&mut self, slot: usize, vcpus: &VcpuThreads) {
+        let Some((reply, req)) = self.api.as_mut().and_then(|a| a.clients.read(slot)) else {
+            return;
+        };
+        let mut snapshot = None;
+        let result = match req {
+            Request::Status => Ok(()),
+            Request::Pause => self.pause(vcpus),
+            Request::Resume => self.resume(vcpus),
+            Request::Stop => {
+                self.latch.set(Outcome::Stopped);
+                Ok(())
+            }
+            Request::Snapshot { to, force, stop } => self
+                .snapshot(vcpus, &to, force, stop)
+                .map(|s| snapshot = Some(s)),
+        };
+        let response = match result {
+            Ok(()) => Response {
+                ok: true,
+                status: Some(self.status()),
+                error: None,
+                snapshot,
+            },
+            Err(e) => Response::refused(e),
+        };
+        reply.send(&response);
     }
 
     fn pause(&mut self, vcpus: &VcpuThreads) -> Result<(), String> {

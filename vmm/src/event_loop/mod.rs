@@ -16,6 +16,7 @@ use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{Connections, MAX_CLIENTS};
 use crate::console::{EscapeFilter, Input, InputSource};
 use crate::outcome::{ExitLatch, Outcome};
 use crate::run_control::VcpuThreads;
@@ -27,6 +28,8 @@ const TOKEN_INPUT: u64 = 1;
 const TOKEN_DRAINED: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_API: u64 = 4;
+/// Control-socket clients: `TOKEN_CLIENTS + slot`.
+const TOKEN_CLIENTS: u64 = 1 << 32;
 const READ_CHUNK: usize = 4096;
 /// Device tokens: `TOKEN_DEVICES + device * DEVICE_TOKENS + queue`, and the backend at
 /// `... + BACKEND_SUB`.
@@ -140,7 +143,10 @@ impl EventLoop {
             console,
             devices,
             backends,
-            api: api.map(|server| control::Api { server }),
+            api: api.map(|server| control::Api {
+                server,
+                clients: Connections::default(),
+            }),
             pending: None,
             machine,
             start,
@@ -155,7 +161,8 @@ impl EventLoop {
             if let Some(outcome) = self.latch.get() {
                 return Ok(outcome);
             }
-            let n = match self.epoll.wait(-1, &mut events) {
+            let timeout = self.wait_timeout();
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
@@ -170,7 +177,10 @@ impl EventLoop {
                             self.feed()?;
                         }
                     }
-                    TOKEN_API => self.control_requests(vcpus)?,
+                    TOKEN_API => self.accept_clients()?,
+                    t if (TOKEN_CLIENTS..TOKEN_CLIENTS + MAX_CLIENTS as u64).contains(&t) => {
+                        self.client_request((t - TOKEN_CLIENTS) as usize, vcpus)
+                    }
                     TOKEN_SIGNAL => {
                         if let Some(signo) = self.signals.read() {
                             self.latch.set(Outcome::Signal(signo));
@@ -181,6 +191,21 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// How long epoll may wait: until the next control client runs out of time (those
+    /// that have are dropped here), else forever.
+    fn wait_timeout(&mut self) -> i32 {
+        let Some(clients) = self.api.as_mut().map(|a| &mut a.clients) else {
+            return -1;
+        };
+        let now = Instant::now();
+        clients.expire(now);
+        clients.next_deadline().map_or(-1, |d| {
+            // Rounded up, so the deadline has passed when epoll returns.
+            let ms = d.saturating_duration_since(now).as_micros().div_ceil(1000);
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        })
     }
 
     fn device_event(&mut self, token: u64, events: u32) -> Result<(), EventLoopError> {

@@ -25,6 +25,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 32;
 /// Largest body accepted (a sanity bound against corrupt lengths).
 const MAX_BODY: u64 = 64 << 20;
+/// Longest state a reader needs to take in: header and largest body.
+pub const MAX_STATE_LEN: u64 = HEADER_LEN as u64 + MAX_BODY;
 
 /// Slice-by-16 tables: several times faster than byte-wise, which matters for the
 /// memory file's digest.

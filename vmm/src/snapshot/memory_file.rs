@@ -197,7 +197,7 @@ fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> 
 /// Opens the memory file at `path` and checks its size and digest against `info`.
 pub fn open_and_verify(path: &Path, info: &MemoryInfo) -> Result<File, MemoryFileError> {
     check_layout(info)?;
-    let file = File::open(path).map_err(io_err(path))?;
+    let file = devices::host_file::open_regular(path).map_err(io_err(path))?;
     let len = file.metadata().map_err(io_err(path))?.len();
     let want = info.file_len();
     if len != want {

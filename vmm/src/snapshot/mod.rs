@@ -46,6 +46,14 @@ pub enum SnapshotError {
     /// The target exists and `--force` was not given.
     #[error("{0} already exists; choose another directory or pass --force to replace it")]
     Exists(PathBuf),
+    /// The target exists and is not a snapshot, so `--force` does not replace it.
+    #[error("{} exists and is not a wisp snapshot ({why}); --force replaces only a snapshot directory wisp wrote: choose another directory", path.display())]
+    NotASnapshot {
+        /// The target.
+        path: PathBuf,
+        /// What it is instead.
+        why: String,
+    },
     /// The target's parent directory is missing.
     #[error("cannot create {path}: {source}")]
     Create {
@@ -140,7 +148,10 @@ impl SnapshotState {
         {
             return bad(format!("vCPU state {i} is for vCPU {}", v.index));
         }
-        let ranges = ram_ranges(c.memory_mib << 20);
+        let Some(bytes) = c.memory_mib.checked_mul(1 << 20) else {
+            return bad(format!("{} MiB of RAM", c.memory_mib));
+        };
+        let ranges = ram_ranges(bytes);
         let layout: Vec<(u64, u64)> = self
             .memory
             .regions
@@ -191,12 +202,99 @@ pub struct Machine {
     pub i8042: Arc<Mutex<I8042>>,
 }
 
-/// Refuses a target that exists (unless `force`) before the VM is paused.
+/// Refuses a target that exists, unless `force` is given and it is a snapshot wisp
+/// wrote (checked again before it is replaced). Runs before the VM is paused.
 pub fn check_target(dir: &Path, force: bool) -> Result<(), SnapshotError> {
-    if !force && dir.symlink_metadata().is_ok() {
+    if dir.symlink_metadata().is_err() {
+        return Ok(());
+    }
+    if !force {
         return Err(SnapshotError::Exists(dir.to_path_buf()));
     }
+    is_snapshot_dir(dir).map_err(|why| SnapshotError::NotASnapshot {
+        path: dir.to_path_buf(),
+        why,
+    })
+}
+
+/// Whether `dir` is what [`Machine::snapshot`] writes: a directory (not a link) that
+/// holds nothing but a `state` file with the snapshot magic and a `memory` file.
+fn is_snapshot_dir(dir: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let m = dir.symlink_metadata().map_err(|e| e.to_string())?;
+    if !m.file_type().is_dir() {
+        return Err(if m.file_type().is_symlink() {
+            "a symbolic link".into()
+        } else {
+            "not a directory".into()
+        });
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.file_name();
+        let regular = entry.file_type().is_ok_and(|t| t.is_file());
+        match name.to_str() {
+            Some(n @ (STATE_FILE | MEMORY_FILE)) if regular => found.push(n.to_string()),
+            _ => return Err(format!("it holds {:?}", name)),
+        }
+    }
+    if found.len() != 2 {
+        return Err(format!("it lacks a {STATE_FILE} or {MEMORY_FILE} file"));
+    }
+    let mut magic = [0u8; 8];
+    devices::host_file::open_regular(&dir.join(STATE_FILE))
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| format!("its {STATE_FILE} file: {e}"))?;
+    if magic != format::MAGIC {
+        return Err(format!("its {STATE_FILE} file is not a snapshot state"));
+    }
     Ok(())
+}
+
+/// Removes a snapshot directory wisp wrote (its two files, then the directory; whatever
+/// else appeared in it meanwhile stays, and so does the directory then).
+fn remove_snapshot_dir(dir: &Path) -> std::io::Result<()> {
+    for f in [STATE_FILE, MEMORY_FILE] {
+        match std::fs::remove_file(dir.join(f)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
+/// rename(2) that never replaces `to` (RENAME_NOREPLACE; on file systems without it,
+/// a check and a plain rename).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    if to.symlink_metadata().is_ok() {
+        return Err(std::io::ErrorKind::AlreadyExists.into());
+    }
+    std::fs::rename(from, to)
 }
 
 fn disk_usage(path: &Path) -> u64 {
@@ -223,12 +321,11 @@ impl Machine {
             virtio: transports.iter().map(|t| lock(t).save()).collect(),
         };
         let partial = sibling(dir, "partial");
-        let _ = std::fs::remove_dir_all(&partial);
         create_private_dir(&partial)?;
         let result = self.write_files(&partial, vm, vcpu_states, devices);
         let result = result.and_then(|len| replace_dir(&partial, dir, force).map(|()| len));
         if result.is_err() {
-            let _ = std::fs::remove_dir_all(&partial);
+            let _ = remove_snapshot_dir(&partial);
         }
         let memory_bytes = result?;
         Ok(SnapshotSummary {
@@ -303,34 +400,34 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     f.sync_all().map_err(werr)
 }
 
-/// Renames `partial` to `dir`; with `force`, an existing `dir` is moved aside first and
-/// removed only after the rename succeeded.
+/// Renames `partial` to `dir`, never over anything. With `force`, an existing `dir`
+/// that is a snapshot is moved aside first (and put back if the rename fails), then
+/// removed.
 fn replace_dir(partial: &Path, dir: &Path, force: bool) -> Result<(), SnapshotError> {
     let werr = |source| SnapshotError::Write {
         path: dir.to_path_buf(),
         source,
     };
     let old = if force && dir.symlink_metadata().is_ok() {
+        check_target(dir, force)?;
         let old = sibling(dir, "old");
-        std::fs::rename(dir, &old).map_err(werr)?;
+        rename_noreplace(dir, &old).map_err(werr)?;
         Some(old)
     } else {
         None
     };
-    if let Err(e) = std::fs::rename(partial, dir) {
+    if let Err(e) = rename_noreplace(partial, dir) {
         if let Some(old) = &old {
-            let _ = std::fs::rename(old, dir);
+            let _ = rename_noreplace(old, dir);
         }
-        return Err(werr(e));
+        return Err(match e.kind() {
+            std::io::ErrorKind::AlreadyExists => SnapshotError::Exists(dir.to_path_buf()),
+            _ => werr(e),
+        });
     }
     if let Some(old) = old {
-        let removed = if old.is_dir() {
-            std::fs::remove_dir_all(&old)
-        } else {
-            std::fs::remove_file(&old)
-        };
-        if let Err(e) = removed {
-            log::warn!("cannot remove the replaced {}: {e}", old.display());
+        if let Err(e) = remove_snapshot_dir(&old) {
+            log::warn!("cannot remove the replaced snapshot {}: {e}", old.display());
         }
     }
     Ok(())
@@ -347,25 +444,34 @@ pub struct Loaded {
     pub memory_path: PathBuf,
 }
 
-/// Reads and checks the snapshot in `dir`; nothing is started if this fails.
-pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
-    let state_path = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&state_path).map_err(|source| SnapshotError::Read {
-        path: state_path.clone(),
+/// Reads the state file of the snapshot in `dir` (format, checksum) and checks that
+/// its parts agree. The caller then applies its overrides, validates the
+/// configuration, and calls [`open_memory`]; nothing is started before that.
+pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
+    use std::io::Read;
+    let path = dir.join(STATE_FILE);
+    let read_err = |source| SnapshotError::Read {
+        path: path.clone(),
         source,
-    })?;
+    };
+    let file = devices::host_file::open_regular(&path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    // One byte more than a valid state can have: decode reports what follows.
+    file.take(format::MAX_STATE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
     let state: SnapshotState = format::decode(&bytes).map_err(|source| SnapshotError::State {
-        path: state_path.clone(),
+        path: path.clone(),
         source,
     })?;
     state.check()?;
+    Ok(state)
+}
+
+/// Opens the memory file of the snapshot in `dir` and checks its size and digest
+/// against `state`.
+pub fn open_memory(dir: &Path, state: SnapshotState) -> Result<Loaded, SnapshotError> {
     let memory_path = dir.join(MEMORY_FILE);
-    if let Err(source) = memory_path.metadata() {
-        return Err(SnapshotError::Read {
-            path: memory_path,
-            source,
-        });
-    }
     let memory = memory_file::open_and_verify(&memory_path, &state.memory)?;
     Ok(Loaded {
         state,

@@ -13,6 +13,8 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{QueueOwnedT, QueueT};
 
+use crate::host_file::{self, Accept};
+
 use super::persist::{BlockState, DeviceState, PersistError};
 use super::{
     chain, DeviceError, LogLimiter, QueueContext, VirtioDevice, F_EVENT_IDX, F_VERSION_1,
@@ -107,14 +109,15 @@ impl Block {
     /// Opens the image of `config`; `name` is used in logs (e.g. `virtio-blk vda`).
     pub fn open(config: &BlockConfig, name: String) -> Result<Self, BlockError> {
         let path = &config.path;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let mut file = host_file::open(
+            path,
+            OpenOptions::new().read(true).write(!config.read_only),
+            Accept::RegularOrBlock,
+        )
+        .map_err(|source| BlockError::Open {
+            path: path.clone(),
+            source,
+        })?;
         lock(&file, path, config.read_only)?;
         let bytes = file
             .seek(SeekFrom::End(0))
