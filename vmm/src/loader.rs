@@ -5,6 +5,7 @@
 //! - `bzImage`: the 64-bit boot protocol (protected-mode kernel at 1 MiB, entry at +0x200);
 //! - initrd: page-aligned at the top of low RAM, below the kernel's `initrd_addr_max`.
 
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
 use devices::host_file;
@@ -31,6 +32,11 @@ const BOOT_PROTOCOL_64BIT_ENTRY: u16 = 0x20c;
 const STARTUP_64_OFFSET: u64 = 0x200;
 const PAGE_SIZE: u64 = 0x1000;
 const HEADER_PROBE_LEN: usize = 0x240;
+const PT_LOAD: u32 = 1;
+/// More program headers than any kernel has: a corrupt header.
+const MAX_PHDRS: u64 = 128;
+const BZIMAGE_SETUP_SECTS_OFFSET: usize = 0x1f1;
+const BZIMAGE_SYSSIZE_OFFSET: usize = 0x1f4;
 
 /// Errors loading the kernel or initrd.
 #[derive(Debug, Error)]
@@ -54,6 +60,16 @@ pub enum LoaderError {
     /// A bzImage too old for the 64-bit boot protocol.
     #[error("{0} is a bzImage without a 64-bit entry point (boot protocol 2.12+ needed)")]
     No64BitEntry(PathBuf),
+    /// The file is shorter than its own headers say.
+    #[error("kernel {} is truncated: its headers describe {need} bytes, the file has {have}; copy or build it again", path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes the headers cover.
+        need: u64,
+        /// The file's size.
+        have: u64,
+    },
     /// linux-loader refused the image, usually because it does not fit in guest memory.
     #[error("cannot load kernel {path} into {mem_mib} MiB of guest memory ({source}); is --memory large enough?")]
     Load {
@@ -128,6 +144,47 @@ fn detect(path: &Path, head: &[u8]) -> Result<Format, LoaderError> {
     Err(LoaderError::NotAKernel(path.to_path_buf()))
 }
 
+fn le(bytes: &[u8], off: usize, len: usize) -> Option<u64> {
+    let b = bytes.get(off..off + len)?;
+    Some(
+        b.iter()
+            .rev()
+            .fold(0u64, |acc, &x| (acc << 8) | u64::from(x)),
+    )
+}
+
+/// How many bytes of the file the image's headers say it has: for an ELF, the end of
+/// its last loadable segment; for a bzImage, setup sectors plus the protected-mode
+/// kernel. None if the headers cannot be read (the loader then says why).
+fn image_extent(file: &mut File, format: &Format, head: &[u8]) -> Option<u64> {
+    match format {
+        Format::BzImage => {
+            let setup = match le(head, BZIMAGE_SETUP_SECTS_OFFSET, 1)? {
+                0 => 4,
+                n => n,
+            };
+            let syssize = le(head, BZIMAGE_SYSSIZE_OFFSET, 4)?;
+            Some((setup + 1) * 512 + syssize * 16)
+        }
+        Format::Elf => {
+            let phoff = le(head, 0x20, 8)?;
+            let phentsize = le(head, 0x36, 2)?;
+            let phnum = le(head, 0x38, 2)?;
+            if phentsize < 56 || phnum > MAX_PHDRS {
+                return None;
+            }
+            let mut phdrs = vec![0u8; (phentsize * phnum) as usize];
+            file.seek(SeekFrom::Start(phoff)).ok()?;
+            file.read_exact(&mut phdrs).ok()?;
+            phdrs
+                .chunks_exact(phentsize as usize)
+                .filter(|p| le(p, 0, 4) == Some(u64::from(PT_LOAD)))
+                .map(|p| le(p, 8, 8)?.checked_add(le(p, 32, 8)?))
+                .try_fold(0u64, |end, e| Some(end.max(e?)))
+        }
+    }
+}
+
 /// Loads the kernel at `path` into `mem` (of `mem_size` bytes).
 pub fn load_kernel<M: GuestMemoryBackend>(
     mem: &M,
@@ -141,6 +198,17 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         .read_to_end(&mut head)
         .map_err(read_err("kernel", path))?;
     let format = detect(path, &head)?;
+    let have = file.metadata().map_err(read_err("kernel", path))?.len();
+    match image_extent(&mut file, &format, &head) {
+        Some(need) if need > have => {
+            return Err(LoaderError::Truncated {
+                path: path.to_path_buf(),
+                need,
+                have,
+            })
+        }
+        _ => {}
+    }
     file.seek(SeekFrom::Start(0))
         .map_err(read_err("kernel", path))?;
     let load_err = |source| LoaderError::Load {

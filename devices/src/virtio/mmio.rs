@@ -11,8 +11,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::{rings_in_memory, F_VERSION_1, INT_CONFIG};
 use super::{DeviceError, GuestMemory, Interrupt, QueueContext, VirtioDevice, F_EVENT_IDX};
-use super::{F_VERSION_1, INT_CONFIG};
 use crate::bus::BusDevice;
 
 /// Size of one device's MMIO window.
@@ -232,11 +232,10 @@ impl MmioTransport {
             .and_then(|()| q.try_set_avail_ring_address(GuestAddress(r.avail)))
             .and_then(|()| q.try_set_used_ring_address(GuestAddress(r.used)));
         q.set_ready(true);
-        let why = match checked {
-            Err(e) => Some(format!("{e}")),
-            Ok(()) if !q.is_valid(&self.mem) => Some("rings outside guest memory".to_string()),
-            Ok(()) => None,
-        };
+        let why = checked
+            .map_err(|e| e.to_string())
+            .and_then(|()| rings_in_memory(q, &self.mem))
+            .err();
         if let Some(why) = why {
             q.set_ready(false);
             let e = DeviceError::Protocol(format!(

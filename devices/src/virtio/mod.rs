@@ -40,6 +40,29 @@ pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EV
 /// Largest queue size any wisp device offers.
 pub const QUEUE_MAX_SIZE: u16 = 256;
 
+/// Checks that a queue's rings lie in guest memory: the check virtio-queue's
+/// `Queue::is_valid` makes, without its error log (neither a guest nor a snapshot may
+/// write to wisp's log at will; the caller reports, once).
+pub fn rings_in_memory(q: &Queue, mem: &GuestMemory) -> Result<(), String> {
+    use virtio_queue::QueueT;
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    let size = u64::from(q.size());
+    // Descriptors are 16 bytes; each ring has flags, index and an event word (6 bytes)
+    // around 2-byte (available) or 8-byte (used) elements.
+    for (what, addr, len) in [
+        ("descriptor table", q.desc_table(), 16 * size),
+        ("available ring", q.avail_ring(), 6 + 2 * size),
+        ("used ring", q.used_ring(), 6 + 8 * size),
+    ] {
+        if !mem.check_range(GuestAddress(addr), len as usize) {
+            return Err(format!(
+                "{what} at {addr:#x} ({len} bytes) is outside guest memory"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A device's virtqueues stopped making sense: the driver broke the rules.
 #[derive(Debug, Error)]
 pub enum DeviceError {

@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::mmio::{status, MmioTransport, QueueRegs};
 use super::net::MacAddr;
-use super::{DeviceError, F_EVENT_IDX, F_VERSION_1, INT_CONFIG, INT_VRING};
+use super::{rings_in_memory, DeviceError, F_EVENT_IDX, F_VERSION_1, INT_CONFIG, INT_VRING};
 
 /// One virtqueue: the driver's configuration and the device's ring positions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -530,12 +530,12 @@ impl MmioTransport {
                 q.size, q.desc_table, q.avail_ring, q.used_ring
             )
         })?;
-        if !queue.is_valid(&self.mem) {
-            return Err(format!(
-                "rings (size {}, desc {:#x}, avail {:#x}, used {:#x}) are outside guest memory",
+        rings_in_memory(&queue, &self.mem).map_err(|why| {
+            format!(
+                "rings (size {}, desc {:#x}, avail {:#x}, used {:#x}): {why}",
                 q.size, q.desc_table, q.avail_ring, q.used_ring
-            ));
-        }
+            )
+        })?;
         let in_flight = q.next_avail.wrapping_sub(q.next_used);
         if in_flight > q.size {
             return Err(format!(

@@ -59,7 +59,7 @@ pub enum TapError {
     #[error("--net bridge={0} creates a TAP and needs CAP_NET_ADMIN: run wisp as root, or use --net tap=NAME with a TAP created for your user")]
     NeedNetAdmin(String),
     /// Bridge mode with an interface that is not a bridge.
-    #[error("{0} is not a bridge; create one with `sudo scripts/net-bridge-up.sh BRIDGE`")]
+    #[error("--net bridge={0}: {0} is not a bridge; give a bridge (create one with `sudo scripts/net-bridge-up.sh BRIDGE`), or use --net tap=NAME for a TAP")]
     NotBridge(String),
     /// Bridge mode with a bridge that does not exist.
     #[error("bridge {0} does not exist; create it with `sudo scripts/net-bridge-up.sh {0}`")]
@@ -258,10 +258,11 @@ impl Tap {
         let mut br = IfReq::new(bridge)?;
         br.set_int(index as libc::c_int);
         ifreq_ioctl(sock.as_raw_fd(), SIOCBRADDIF, &mut br).map_err(|e| {
-            if e.raw_os_error() == Some(libc::EPERM) {
-                TapError::NeedNetAdmin(bridge.to_string())
-            } else {
-                ioctl_err("SIOCBRADDIF", bridge)(e)
+            match e.raw_os_error() {
+                Some(libc::EPERM) => TapError::NeedNetAdmin(bridge.to_string()),
+                // The bridge ioctls answer this for any interface that is not a bridge.
+                Some(libc::EOPNOTSUPP) => TapError::NotBridge(bridge.to_string()),
+                _ => ioctl_err("SIOCBRADDIF", bridge)(e),
             }
         })?;
         Ok(tap)
