@@ -179,3 +179,98 @@ fn doctor_reports_kvm_and_kernel_mode() {
         "{line}"
     );
 }
+
+#[test]
+fn bad_numbers_are_one_line_with_status_1() {
+    let probe = common::probe();
+    let k = probe.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["--memory", "1.5"],
+            "invalid value '1.5' for '--memory <MiB>'",
+        ),
+        (
+            vec!["--memory", "-1"],
+            "invalid value '-1' for '--memory <MiB>'",
+        ),
+        (
+            vec!["--cpus", "two"],
+            "invalid value 'two' for '--cpus <N>'",
+        ),
+        (vec!["--frobnicate"], "unexpected argument '--frobnicate'"),
+    ] {
+        let mut all = vec!["run", "--kernel", k];
+        all.extend(args);
+        let out = wisp_run(&all, b"", Duration::from_secs(30));
+        assert_eq!(out.status, Some(1), "{all:?}: {out:#?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{all:?}: {out:#?}");
+        assert!(
+            out.stderr.starts_with("wisp: error: ")
+                && out.stderr.contains(want)
+                && out.stderr.contains("see `wisp run --help`"),
+            "{all:?}: {out:#?}"
+        );
+    }
+}
+
+#[test]
+fn disks_and_initrds_must_be_files_and_each_disk_its_own() {
+    let probe = common::probe();
+    let k = probe.to_str().unwrap();
+    let dir = TempDir::new("disk-kinds");
+    let img = dir.0.join("d.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    let img = img.to_str().unwrap();
+    let link = dir.0.join("same.img");
+    std::os::unix::fs::symlink(img, &link).unwrap();
+    let fifo = dir.0.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let fifo = fifo.to_str().unwrap();
+    assert_one_line_error(
+        &["run", "--kernel", k, "--disk", img, "--disk", img],
+        "is given twice",
+    );
+    assert_one_line_error(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--disk",
+            img,
+            "--disk",
+            link.to_str().unwrap(),
+        ],
+        "is given twice",
+    );
+    assert_one_line_error(
+        &["run", "--kernel", k, "--disk", "/dev/null"],
+        "cannot open disk /dev/null: it is a character device",
+    );
+    assert_one_line_error(
+        &["run", "--kernel", k, "--disk", fifo],
+        "it is a FIFO, not an image file or a block device",
+    );
+    assert_one_line_error(
+        &["run", "--kernel", k, "--initrd", "/dev/zero"],
+        "cannot read initrd /dev/zero: it is a character device, not a regular file",
+    );
+    assert_one_line_error(
+        &["run", "--kernel", fifo],
+        "it is a FIFO, not a regular file",
+    );
+}
+
+#[test]
+fn a_truncated_kernel_says_so() {
+    let dir = TempDir::new("truncated");
+    let whole = std::fs::read(common::probe()).unwrap();
+    let cut = dir.file("probe-cut", &whole[..whole.len() / 2]);
+    assert_one_line_error(
+        &["run", "--kernel", cut.to_str().unwrap()],
+        "is truncated: its headers describe",
+    );
+}

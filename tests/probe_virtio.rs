@@ -168,6 +168,18 @@ fn bad_disk_and_net_options_are_one_line_errors() {
 }
 
 #[test]
+fn bridge_mode_on_an_interface_that_is_not_a_bridge_says_so() {
+    let ns = NetNs::new("notbridge");
+    ns.enter();
+    ns.ip(&["link", "add", "vx0", "type", "veth", "peer", "name", "vx1"]);
+    let out = run_probe("hello", &["--net", "bridge=vx0"]);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    let errors = out.error_lines();
+    assert_eq!(errors.len(), 1, "{}", out.stderr);
+    assert!(errors[0].contains("vx0 is not a bridge"), "{}", errors[0]);
+}
+
+#[test]
 fn two_vms_cannot_write_one_image() {
     let dir = TempDir::new("blk-lock");
     let img = image(&dir, "shared.img", 1);

@@ -9,7 +9,10 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{arg, complete_lines, probe, stop_vm, wisp_cmd, wisp_cmd_in, Session, TempDir};
+use common::{
+    arg, complete_lines, probe, restore_refused as refused_with, stop_vm, wisp_cmd, wisp_cmd_in,
+    Session, TempDir,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Counter area: 16 MiB = 4096 pages per round.
@@ -190,7 +193,9 @@ fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
     std::fs::write(&file, b"keep").expect("file");
     let rel = dir.0.join("rel.snap");
     std::fs::write(rel.join("notes"), b"mine").expect("notes");
-    for target in [&taken, &file, &rel] {
+    let link = dir.0.join("link.snap");
+    std::os::unix::fs::symlink(&taken, &link).expect("symlink");
+    for target in [&taken, &file, &rel, &link] {
         let (code, _, err) = wisp_cmd(&["snapshot", &api_s, "--to", arg(target), "--force"]);
         assert_eq!(code, 1, "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
@@ -235,40 +240,8 @@ fn snapshot_rules_existing_dirs_force_stop_paused_and_failures() {
     assert!(dir.0.join("last.snap/memory").is_file());
 }
 
-/// Runs `wisp restore` on a snapshot that must be refused: one error line containing
-/// `want`, exit status 1, no guest output, no control socket left.
 fn refused(dir: &TempDir, snap: &Path, want: &str) {
     refused_with(dir, snap, &[], want);
-}
-
-/// [`refused`] with extra `wisp restore` arguments.
-fn refused_with(dir: &TempDir, snap: &Path, extra: &[&str], want: &str) {
-    let console = dir.0.join("console.out");
-    let _ = std::fs::remove_file(&console);
-    let api = dir.0.join("refused.sock");
-    let console_arg = format!("file:{}", arg(&console));
-    let t0 = Instant::now();
-    let mut args = vec![
-        "restore",
-        arg(snap),
-        "--name",
-        "refused",
-        "--api",
-        arg(&api),
-        "--console",
-        &console_arg,
-    ];
-    args.extend_from_slice(extra);
-    let (code, _, err) = wisp_cmd(&args);
-    assert_eq!(code, 1, "{want}: {err}");
-    assert_eq!(err.lines().count(), 1, "{want}: one line: {err}");
-    assert!(err.contains(want), "expected {want:?} in: {err}");
-    assert!(
-        std::fs::metadata(&console).map_or(true, |m| m.len() == 0),
-        "{want}: the guest ran"
-    );
-    assert!(!api.exists(), "{want}: socket left behind");
-    assert!(t0.elapsed() < Duration::from_secs(30));
 }
 
 fn flip(path: &Path, at: u64) {

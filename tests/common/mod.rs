@@ -264,6 +264,11 @@ impl Session {
         }
     }
 
+    /// Whether wisp has exited (its status is kept for [`Session::wait`]).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// wisp's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -276,6 +281,24 @@ impl Session {
             .write_all(format!("{line}\n").as_bytes())
             .expect("write to wisp");
         stdin.flush().expect("flush");
+    }
+
+    /// Writes `data` to the guest console from a thread of its own, as fast as wisp
+    /// takes it (the test can meanwhile watch the output, and is not stuck in a write
+    /// if the console stalls).
+    pub fn feed(&mut self, data: Vec<u8>) -> thread::JoinHandle<()> {
+        use std::os::fd::AsFd;
+        let fd = self
+            .stdin
+            .as_ref()
+            .expect("stdin open")
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("dup stdin");
+        let mut f = std::fs::File::from(fd);
+        thread::spawn(move || {
+            let _ = f.write_all(&data);
+        })
     }
 
     /// Runs `command` in the guest shell and returns its output, read from a line
@@ -413,3 +436,54 @@ impl Drop for TempDir {
     }
 }
 pub mod netns;
+
+/// Runs `wisp restore SNAP --name refused --api DIR/refused.sock --console file:...
+/// EXTRA` on a snapshot that must be refused: within 30 s, one error line containing
+/// `want`, exit status 1, no guest output, no control socket left.
+pub fn restore_refused(dir: &TempDir, snap: &Path, extra: &[&str], want: &str) {
+    let console = dir.0.join("console.out");
+    let _ = std::fs::remove_file(&console);
+    let api = dir.0.join("refused.sock");
+    let console_arg = format!("file:{}", arg(&console));
+    let mut args = vec![
+        "restore",
+        arg(snap),
+        "--name",
+        "refused",
+        "--api",
+        arg(&api),
+        "--console",
+        &console_arg,
+    ];
+    args.extend_from_slice(extra);
+    let out = wisp_run(&args, b"", Duration::from_secs(30));
+    let err = &out.stderr;
+    assert_eq!(out.status, Some(1), "{want}: {err}");
+    assert_eq!(err.lines().count(), 1, "{want}: one line: {err}");
+    assert!(err.contains(want), "expected {want:?} in: {err}");
+    assert!(
+        std::fs::metadata(&console).map_or(true, |m| m.len() == 0),
+        "{want}: the guest ran"
+    );
+    assert!(!api.exists(), "{want}: socket left behind");
+}
+
+/// Rewrites the state file of the snapshot in `snap` through `edit` on its JSON body,
+/// with a valid header and checksum (a crafted snapshot, as a hostile author makes it).
+pub fn craft_state(snap: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = snap.join("state");
+    let bytes = std::fs::read(&path).expect("read state");
+    let mut body: serde_json::Value = vmm::snapshot::format::decode(&bytes).expect("decode state");
+    edit(&mut body);
+    let out = vmm::snapshot::format::encode(&body).expect("encode state");
+    std::fs::write(&path, out).expect("write state");
+}
+
+/// Copies snapshot directory `from` to `to`: the state file, and the memory file as a
+/// hard link (the crafting edits only the state).
+pub fn copy_snapshot(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir(to).expect("mkdir");
+    std::fs::copy(from.join("state"), to.join("state")).expect("copy state");
+    std::fs::hard_link(from.join("memory"), to.join("memory")).expect("link memory");
+}

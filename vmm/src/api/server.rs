@@ -485,6 +485,36 @@ mod tests {
     }
 
     #[test]
+    fn racing_binds_give_one_winner_and_in_use_for_the_rest() {
+        let dir = temp("race");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.sock");
+        for _ in 0..20 {
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        ApiServer::bind(&path)
+                    })
+                })
+                .collect();
+            let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+            let winners = results.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(winners, 1);
+            for r in &results {
+                if let Err(e) = r {
+                    assert!(matches!(e, ApiError::InUse(_)), "{e}");
+                }
+            }
+            drop(results);
+            assert!(!path.exists());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn many_clients_are_served_and_slow_ones_dropped() {
         let dir = temp("clients");
         let path = dir.join("vm.sock");
