@@ -252,13 +252,17 @@ fn connect(name: &str, path: &Path) -> Result<UnixStream, ApiError> {
 
 /// Client side: sends `req` to the VM at `name_or_path` and returns its answer.
 pub fn call(name_or_path: &str, req: &Request) -> Result<Response, ApiError> {
+    call_within(name_or_path, req, req.timeout())
+}
+
+/// [`call`], waiting at most `timeout` for the answer.
+fn call_within(name_or_path: &str, req: &Request, timeout: Duration) -> Result<Response, ApiError> {
     let path = resolve(name_or_path);
     let io_err = |source| ApiError::Io {
         path: path.clone(),
         source,
     };
     let mut stream = connect(name_or_path, &path)?;
-    let timeout = req.timeout();
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let mut line = serde_json::to_string(req).map_err(|e| io_err(io::Error::other(e)))?;
@@ -336,6 +340,30 @@ pub fn list() -> Listing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vm_that_does_not_answer_is_named_with_the_time_waited() {
+        let dir = std::env::temp_dir().join(format!("wisp-api-silent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("silent.sock");
+        // Listens, never answers.
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let e = call_within(
+            path.to_str().unwrap(),
+            &Request::Status,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("did not answer in 1 s"), "{e}");
+        drop(listener);
+        let e = call(path.to_str().unwrap(), &Request::Status).unwrap_err();
+        assert!(e.to_string().contains("is stale"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let e = call(path.to_str().unwrap(), &Request::Status).unwrap_err();
+        assert!(e.to_string().contains("no control socket"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn requests_are_one_json_object() {
