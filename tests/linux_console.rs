@@ -8,39 +8,16 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::linux_snapshot::linux_snapshot;
 use common::netns::NetNs;
-use common::{Session, TempDir};
+use common::{console_stream, noise, Session, TempDir};
 
 /// Bytes streamed: several times what stalled before the fix, about 30 s here.
 const STREAM: usize = 256 << 10;
 /// A stall shows as no answer; a working console needs a fraction of this.
 const ANSWER: Duration = Duration::from_secs(400);
-
-/// The host's md5sum of `data`.
-fn md5(data: &[u8]) -> String {
-    let mut child = Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("md5sum");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(data)
-        .expect("feed md5sum");
-    let out = child.wait_with_output().expect("md5sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("a digest")
-        .to_string()
-}
 
 #[test]
 fn a_long_console_stream_reaches_the_guest_whole() {
@@ -61,25 +38,7 @@ fn a_long_console_stream_reaches_the_guest_whole() {
         "tap=wtap0",
     ]);
     assert_eq!(s.query("UP", "echo up", Duration::from_secs(60)), "up");
-    // Every byte value, in an order no simple pattern predicts.
-    let mut x = 0x9e37_79b9u32;
-    let data: Vec<u8> = (0..STREAM)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 24) as u8
-        })
-        .collect();
-    let want = md5(&data);
-    let from = s.seen.len();
-    s.send_line(&format!(
-        "stty raw -echo; echo G''O; head -c {STREAM} | md5sum; stty sane"
-    ));
-    let at = s.expect_from(from, "GO", Duration::from_secs(60));
-    let writer = s.feed(data);
-    s.expect_from(at, &want, ANSWER);
-    writer.join().expect("writer");
+    console_stream(&mut s, noise(STREAM, 0x9e37_79b9), ANSWER);
     s.send_line("poweroff -f");
     let (status, stderr) = s.wait(Duration::from_secs(120));
     assert_eq!(status, Some(0), "stderr:\n{stderr}");

@@ -24,9 +24,14 @@ pub enum Accept {
     Output,
 }
 
-fn kind(t: std::fs::FileType) -> &'static str {
-    if t.is_dir() {
+/// What a file type is, for messages: "a directory", "a FIFO", ...
+pub fn describe(t: std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
         "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
     } else if t.is_fifo() {
         "a FIFO"
     } else if t.is_char_device() {
@@ -36,7 +41,7 @@ fn kind(t: std::fs::FileType) -> &'static str {
     } else if t.is_socket() {
         "a socket"
     } else {
-        "not a regular file"
+        "of an unknown kind"
     }
 }
 
@@ -69,7 +74,7 @@ pub fn open(path: &Path, options: &mut OpenOptions, accept: Accept) -> io::Resul
         };
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("it is {}, not {wanted}", kind(t)),
+            format!("it is {}, not {wanted}", describe(t)),
         ));
     }
     // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL touch no memory.

@@ -17,31 +17,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{guest_file, Session};
-
-fn md5(data: &[u8]) -> String {
-    let mut child = Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("md5sum");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(data)
-        .expect("feed md5sum");
-    let out = child.wait_with_output().expect("md5sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("a digest")
-        .to_string()
-}
+use common::{console_stream, guest_file, noise, Session};
 
 fn option(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -63,29 +41,10 @@ fn main() {
     println!("console input: {rounds} rounds of {kib} KiB through `head -c N | md5sum` in the default guest");
     let mut s = Session::start(&["run", "--cpus", "2", "--memory", "256"]);
     s.expect_from(0, "WISP-READY", Duration::from_secs(300));
-    let mut x = 0x2545_f491u32;
     let mut rates = Vec::new();
     for round in 1..=rounds {
-        let data: Vec<u8> = (0..kib << 10)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x >> 24) as u8
-            })
-            .collect();
-        let want = md5(&data);
-        let from = s.seen.len();
-        s.send_line(&format!(
-            "stty raw -echo; echo G''O; head -c {} | md5sum; stty sane",
-            data.len()
-        ));
-        let at = s.expect_from(from, "GO", Duration::from_secs(60));
-        let t0 = Instant::now();
-        let writer = s.feed(data);
-        s.expect_from(at, &want, timeout);
-        let took = t0.elapsed().as_secs_f64();
-        writer.join().expect("writer");
+        let data = noise(kib << 10, 0x2545_f491 + round as u32);
+        let took = console_stream(&mut s, data, timeout).as_secs_f64();
         let rate = kib as f64 / took;
         rates.push(rate);
         println!(

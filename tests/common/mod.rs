@@ -341,6 +341,60 @@ impl Drop for Session {
     }
 }
 
+/// `len` pseudo-random bytes (xorshift from `seed`): every byte value, in an order no
+/// simple pattern predicts.
+pub fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The host's md5sum of `data`, in hex.
+pub fn md5(data: &[u8]) -> String {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(data)
+        .expect("feed md5sum");
+    let out = child.wait_with_output().expect("md5sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_string()
+}
+
+/// Streams `data` through the console of a Linux guest's shell (`s`) into
+/// `head -c LEN | md5sum` in raw mode, and waits up to `timeout` for the guest to print
+/// the digest of exactly `data`; returns the time from the first byte to the digest.
+pub fn console_stream(s: &mut Session, data: Vec<u8>, timeout: Duration) -> Duration {
+    let want = md5(&data);
+    let from = s.seen.len();
+    s.send_line(&format!(
+        "stty raw -echo; echo G''O; head -c {} | md5sum; stty sane",
+        data.len()
+    ));
+    let at = s.expect_from(from, "GO", Duration::from_secs(60));
+    let t0 = Instant::now();
+    let writer = s.feed(data);
+    s.expect_from(at, &want, timeout);
+    let took = t0.elapsed();
+    writer.join().expect("writer");
+    took
+}
+
 /// Processes whose parent is `parent` and whose command name starts with `comm`
 /// (Debian's passt re-executes itself as passt.avx2).
 pub fn children_named(parent: u32, comm: &str) -> Vec<u32> {

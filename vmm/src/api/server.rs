@@ -38,20 +38,7 @@ pub(super) fn is_socket(m: &Metadata) -> bool {
 }
 
 fn describe(m: &Metadata) -> &'static str {
-    let t = m.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_file() {
-        "a regular file"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() || t.is_block_device() {
-        "a device node"
-    } else {
-        "not a socket"
-    }
+    devices::host_file::describe(m.file_type())
 }
 
 /// The directory a socket path lives in.
