@@ -527,9 +527,9 @@ pub fn restore_refused(dir: &TempDir, snap: &Path, extra: &[&str], want: &str) {
 pub fn craft_state(snap: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = snap.join("state");
     let bytes = std::fs::read(&path).expect("read state");
-    let mut body: serde_json::Value = vmm::snapshot::format::decode(&bytes).expect("decode state");
+    let mut body: serde_json::Value = vmm::state::format::decode(&bytes).expect("decode state");
     edit(&mut body);
-    let out = vmm::snapshot::format::encode(&body).expect("encode state");
+    let out = vmm::state::format::encode(&body).expect("encode state");
     std::fs::write(&path, out).expect("write state");
 }
 

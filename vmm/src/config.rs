@@ -115,6 +115,9 @@ pub enum ConfigError {
     /// Restore overrides that do not fit the snapshot.
     #[error("{0}")]
     BadOverride(String),
+    /// A saved configuration (snapshot, migration) whose VM name is not a valid name.
+    #[error("the saved VM name {0:?} is not a valid name; restore it with --name NAME")]
+    BadSavedName(String),
     /// One image behind two disks.
     #[error("--disk {} is given twice (disks {first} and {second} are the same file); each image backs one disk", path.display())]
     DiskTwice {
@@ -167,6 +170,29 @@ impl VmConfig {
             net.mac
                 .get_or_insert_with(|| MacAddr::derived(&format!("{}/{i}", self.name)));
         }
+    }
+
+    /// Applies what `wisp restore` (or `wisp receive`) was given to a saved
+    /// configuration: a new `name` (else the saved one must be valid), then the device
+    /// overrides of [`VmConfig::override_devices`]. The caller then validates the
+    /// result.
+    pub fn apply_restore_options(
+        &mut self,
+        name: Option<&str>,
+        disks: &[String],
+        nets: &[String],
+    ) -> Result<(), ConfigError> {
+        match name {
+            Some(name) => {
+                check_name(name)?;
+                self.name = name.to_string();
+            }
+            None if check_name(&self.name).is_err() => {
+                return Err(ConfigError::BadSavedName(self.name.clone()))
+            }
+            None => {}
+        }
+        self.override_devices(disks, nets)
     }
 
     /// Applies `wisp restore` overrides: new disk image paths (`disks`, one per disk,

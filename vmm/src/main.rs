@@ -454,22 +454,8 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
     // configuration (the same checks as `wisp run`'s: the file is untrusted), then the
     // memory file.
     let mut state = vmm::snapshot::read_state(&args.dir)?;
-    let config = &mut state.config;
-    match &args.name {
-        Some(name) => {
-            config::check_name(name)?;
-            config.name = name.clone();
-        }
-        None => {
-            if config::check_name(&config.name).is_err() {
-                bail!(
-                    "the snapshot's VM name {:?} is not a valid name; restore it with --name NAME",
-                    config.name
-                );
-            }
-        }
-    }
-    config.override_devices(&args.disk, &args.net)?;
+    let config = &mut state.machine.config;
+    config.apply_restore_options(args.name.as_deref(), &args.disk, &args.net)?;
     let kvm = open_checked_kvm()?;
     config.validate(&host_limits(&kvm)).with_context(|| {
         format!(
@@ -478,13 +464,14 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
         )
     })?;
     let name = config.name.clone();
-    let snapshot = vmm::snapshot::open_memory(&args.dir, state)?;
+    let (state, mem) = vmm::snapshot::open_memory(&args.dir, state)?.into_parts()?;
     vmm::signals::block().context("cannot block termination signals")?;
     let api = bind_api(args.api.as_deref(), &name)?;
     let (console, output) = open_console(&args.console)?;
     let vm = Vm::restore(
         kvm,
-        snapshot,
+        state,
+        mem,
         RestoreOptions {
             start,
             serial_output: output,

@@ -1,6 +1,6 @@
-//! Building a VM from a snapshot: the same machine as `wisp run` builds, with guest
-//! memory mapped from the snapshot's memory file and every piece of state loaded back
-//! instead of a kernel being booted.
+//! Building a VM from a saved [`MachineState`] and its guest memory (mapped from a
+//! snapshot's memory file): the same machine as `wisp run` builds, with every piece of
+//! state loaded back instead of a kernel being booted.
 
 use std::time::Instant;
 
@@ -12,17 +12,13 @@ use kvm_ioctls::Kvm;
 use thiserror::Error;
 
 use crate::arch::vm_state::{self, VmStateError};
-use crate::memory;
-use crate::snapshot::memory_file::MemoryFileError;
-use crate::snapshot::{memory_file, Loaded};
+use crate::memory::{self, GuestMemory};
+use crate::state::MachineState;
 use crate::vm::{create_vcpus, create_vm, wire_devices, Vm, VmError};
 
 /// A part of the snapshot that could not be loaded into the new VM.
 #[derive(Debug, Error)]
 pub enum RestoreError {
-    /// Mapping guest memory from the memory file.
-    #[error(transparent)]
-    Memory(#[from] MemoryFileError),
     /// The irqchip, PIT or clock.
     #[error(transparent)]
     VmState(#[from] VmStateError),
@@ -43,18 +39,17 @@ pub struct RestoreOptions {
 }
 
 impl Vm {
-    /// Builds the VM saved in `snapshot` (its configuration possibly changed by the
-    /// user: name, disk paths, network backends), ready to continue where it stopped.
-    pub fn restore(kvm: Kvm, snapshot: Loaded, opts: RestoreOptions) -> Result<Self, VmError> {
-        let Loaded {
-            state,
-            memory: memory_fd,
-            memory_path,
-        } = snapshot;
+    /// Builds the VM saved in `state` (its configuration possibly changed by the user:
+    /// name, disk paths, network backends) on `mem`, which holds its RAM, ready to
+    /// continue where it stopped. The caller has validated the state.
+    pub fn restore(
+        kvm: Kvm,
+        state: MachineState,
+        mem: GuestMemory,
+        opts: RestoreOptions,
+    ) -> Result<Self, VmError> {
         let config = &state.config;
         let vm_fd = create_vm(&kvm)?;
-        let mem = memory_file::map_private(memory_fd, &memory_path, &state.memory)
-            .map_err(RestoreError::from)?;
         memory::register(&vm_fd, &mem)?;
         let wired = wire_devices(
             &vm_fd,

@@ -14,8 +14,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use thiserror::Error;
+
 use crate::arch::vcpu_state::VcpuState;
 use crate::vcpu::VcpuError;
+
+/// Why the vCPUs' states could not be collected.
+#[derive(Debug, Error)]
+pub enum SaveStatesError {
+    /// Saving needs parked vCPUs.
+    #[error("the vCPUs are not paused")]
+    NotPaused,
+    /// A vCPU thread has ended.
+    #[error("a vCPU has stopped (the guest is shutting down)")]
+    Exiting,
+    /// Not every vCPU answered in time.
+    #[error("the vCPUs did not report their state within {0:?}")]
+    Timeout(Duration),
+    /// A vCPU could not read its state.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
 
 /// What a parked vCPU answered to a save request.
 type Saved = Result<VcpuState, VcpuError>;
@@ -82,14 +101,18 @@ impl RunControl {
     /// VMM side, while paused: asks every parked vCPU for its state and waits for all
     /// `count` answers. A vCPU that has exited (the guest powered off meanwhile) never
     /// answers, which ends in a timeout error.
-    pub fn save_states(&self, count: usize, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+    pub fn save_states(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, SaveStatesError> {
         let deadline = Instant::now() + timeout;
         let mut s = self.lock();
         if !s.pause || s.stop {
-            return Err("the vCPUs are not paused".into());
+            return Err(SaveStatesError::NotPaused);
         }
         if s.exited > 0 {
-            return Err("a vCPU has stopped (the guest is shutting down)".into());
+            return Err(SaveStatesError::Exiting);
         }
         s.save_seq += 1;
         s.saved = (0..count).map(|_| None).collect();
@@ -97,9 +120,7 @@ impl RunControl {
         while s.saved.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || s.exited > 0 {
-                return Err(format!(
-                    "the vCPUs did not report their state within {timeout:?}"
-                ));
+                return Err(SaveStatesError::Timeout(timeout));
             }
             s = self
                 .cond
@@ -111,7 +132,7 @@ impl RunControl {
         saved
             .into_iter()
             .flatten()
-            .map(|r| r.map_err(|e| e.to_string()))
+            .map(|r| r.map_err(SaveStatesError::from))
             .collect()
     }
 
@@ -219,7 +240,7 @@ impl VcpuThreads {
     }
 
     /// Every vCPU's state (the vCPUs must be paused).
-    pub fn save_states(&self) -> Result<Vec<VcpuState>, String> {
+    pub fn save_states(&self) -> Result<Vec<VcpuState>, SaveStatesError> {
         self.control.save_states(self.count, PAUSE_TIMEOUT)
     }
 

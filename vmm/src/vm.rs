@@ -30,12 +30,12 @@ use crate::console::Input;
 use crate::device_manager::{self, DeviceManagerError};
 use crate::event_loop::EventLoop;
 use crate::loader;
+use crate::machine::Machine;
 use crate::memory::{self, GuestMemory};
 use crate::outcome::{ExitLatch, Outcome};
 use crate::restore::RestoreError;
 use crate::run_control::{RunControl, VcpuThreads};
 use crate::signals::SignalFd;
-use crate::snapshot::Machine;
 use crate::vcpu::{self, Vcpu};
 
 /// COM1's port base and IRQ.

@@ -11,6 +11,7 @@
 //! leaves the VM as it was.
 
 use std::path::Path;
+use std::time::Instant;
 
 use devices::bus::lock;
 
@@ -20,7 +21,7 @@ use super::{EventLoop, EventLoopError, TOKEN_CLIENTS};
 use crate::api::{ApiServer, Connections, Request, Response, Status};
 use crate::outcome::Outcome;
 use crate::run_control::{VcpuThreads, PAUSE_TIMEOUT};
-use crate::snapshot::{check_target, SnapshotSummary};
+use crate::snapshot::{self, check_target, SnapshotSummary};
 
 /// The control socket and its connected clients.
 pub(super) struct Api {
@@ -122,13 +123,14 @@ impl EventLoop {
         }
         check_target(to, force).map_err(|e| e.to_string())?;
         let was_paused = self.pending.is_some();
-        let result = match self.pause(vcpus) {
-            Ok(()) => self
+        let started = Instant::now();
+        let result = self.pause(vcpus).and_then(|()| {
+            let state = self
                 .machine
-                .snapshot(vcpus, &self.devices, to, force)
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
+                .save_state(vcpus, &self.devices)
+                .map_err(|e| e.to_string())?;
+            snapshot::write(to, state, &self.machine.mem, force, started).map_err(|e| e.to_string())
+        });
         let stopping = stop && result.is_ok();
         let resume = !was_paused && !stopping;
         match &result {

@@ -18,10 +18,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{Connections, MAX_CLIENTS};
 use crate::console::{EscapeFilter, Input, InputSource};
+use crate::machine::Machine;
 use crate::outcome::{ExitLatch, Outcome};
 use crate::run_control::VcpuThreads;
 use crate::signals::SignalFd;
-use crate::snapshot::Machine;
 
 const TOKEN_LATCH: u64 = 0;
 const TOKEN_INPUT: u64 = 1;

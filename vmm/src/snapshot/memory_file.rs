@@ -25,8 +25,8 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
-use super::format::crc64_digest;
 use crate::memory::GuestMemory;
+use crate::state::format::crc64_digest;
 
 const PAGE: usize = 4096;
 /// Bytes copied out of guest memory (or read from the file) at a time.

@@ -1,7 +1,7 @@
 //! Snapshots: a paused VM written to a directory, and read back for a restore.
 //!
 //! A snapshot directory holds two files:
-//! - `state`: the header of [`format`] and a [`SnapshotState`] (machine configuration,
+//! - `state`: the header of [`crate::state::format`] and a [`SnapshotState`] (machine configuration,
 //!   vCPU, VM and device state, and the memory file's layout and digest);
 //! - `memory`: guest RAM, sparse (see [`memory_file`]).
 //!
@@ -9,30 +9,18 @@
 //! files are complete, so a failed snapshot leaves nothing behind and an existing
 //! directory is replaced (with `--force`) only by a whole snapshot.
 
-pub mod format;
 pub mod memory_file;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use devices::bus::lock;
-use devices::legacy::serial::SerialSnapshot;
-use devices::legacy::{I8042State, SerialDevice, I8042};
-use devices::virtio::mmio::MmioTransport;
-use devices::virtio::persist::TransportState;
-use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::arch::layout::ram_ranges;
-use crate::arch::vcpu_state::VcpuState;
-use crate::arch::vm_state::{self, VmState, VmStateError};
-use crate::config::VmConfig;
 use crate::memory::GuestMemory;
-use crate::run_control::VcpuThreads;
-use format::FormatError;
+use crate::state::format::{self, FormatError};
+use crate::state::{InconsistentState, MachineState};
 use memory_file::{MemoryFileError, MemoryInfo};
 
 /// The state file's name inside a snapshot directory.
@@ -82,14 +70,8 @@ pub enum SnapshotError {
     #[error(transparent)]
     Memory(#[from] MemoryFileError),
     /// The state contradicts itself (only a buggy writer gets past the checksum).
-    #[error("snapshot state is inconsistent: {0}")]
-    Inconsistent(String),
-    /// The vCPUs could not report their state.
-    #[error("cannot save the vCPUs: {0}")]
-    Vcpus(String),
-    /// The VM state could not be read.
-    #[error("cannot save the VM: {0}")]
-    Vm(#[from] VmStateError),
+    #[error("snapshot {0}")]
+    Inconsistent(#[from] InconsistentState),
     /// Writing or renaming failed.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -100,58 +82,22 @@ pub enum SnapshotError {
     },
 }
 
-/// Every device's state.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DevicesState {
-    /// COM1.
-    pub serial: SerialSnapshot,
-    /// The i8042 controller.
-    pub i8042: I8042State,
-    /// The virtio devices, in slot order (disks, then network cards).
-    pub virtio: Vec<TransportState>,
-}
-
-/// The body of the state file.
+/// The body of the state file: the machine's state, and the memory file's layout and
+/// digest (the keys of both side by side, as in format version 1).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotState {
-    /// The wisp that wrote it (informational).
-    pub wisp_version: String,
-    /// The machine configuration, as `wisp run` was given it (MACs resolved).
-    pub config: VmConfig,
+    /// vCPUs, VM, devices, configuration.
+    #[serde(flatten)]
+    pub machine: MachineState,
     /// The memory file's layout and digest.
     pub memory: MemoryInfo,
-    /// In-kernel irqchip, PIT and clock.
-    pub vm: VmState,
-    /// Every vCPU, in index order.
-    pub vcpus: Vec<VcpuState>,
-    /// Every device.
-    pub devices: DevicesState,
 }
 
 impl SnapshotState {
-    /// Checks that the parts agree with the configuration.
+    /// Checks that the parts agree with the configuration and the memory layout.
     pub fn check(&self) -> Result<(), SnapshotError> {
-        let c = &self.config;
-        let bad = |m: String| Err(SnapshotError::Inconsistent(m));
-        if self.vcpus.len() != usize::from(c.cpus) {
-            return bad(format!(
-                "{} vCPU states for {} vCPUs",
-                self.vcpus.len(),
-                c.cpus
-            ));
-        }
-        if let Some((i, v)) = self
-            .vcpus
-            .iter()
-            .enumerate()
-            .find(|(i, v)| usize::from(v.index) != *i)
-        {
-            return bad(format!("vCPU state {i} is for vCPU {}", v.index));
-        }
-        let Some(bytes) = c.memory_mib.checked_mul(1 << 20) else {
-            return bad(format!("{} MiB of RAM", c.memory_mib));
-        };
-        let ranges = ram_ranges(bytes);
+        self.machine.check()?;
+        let ranges = self.machine.ram_layout()?;
         let layout: Vec<(u64, u64)> = self
             .memory
             .regions
@@ -159,17 +105,10 @@ impl SnapshotState {
             .map(|r| (r.guest_addr, r.len))
             .collect();
         if layout != ranges {
-            return bad(format!(
+            return Err(SnapshotError::Inconsistent(InconsistentState(format!(
                 "memory regions {layout:x?} do not match {} MiB of RAM",
-                c.memory_mib
-            ));
-        }
-        let devices = c.disks.len() + c.nets.len();
-        if self.devices.virtio.len() != devices {
-            return bad(format!(
-                "{} virtio device states for {devices} devices",
-                self.devices.virtio.len()
-            ));
+                self.machine.config.memory_mib
+            ))));
         }
         Ok(())
     }
@@ -186,20 +125,6 @@ pub struct SnapshotSummary {
     pub memory_bytes: u64,
     /// Seconds spent saving the state and writing the files (the VM is paused).
     pub took_s: f64,
-}
-
-/// What a snapshot needs besides the vCPUs and the virtio devices.
-pub struct Machine {
-    /// The VM (irqchip, PIT, clock).
-    pub vm_fd: VmFd,
-    /// Guest RAM.
-    pub mem: GuestMemory,
-    /// The configuration, MACs resolved.
-    pub config: VmConfig,
-    /// COM1.
-    pub serial: Arc<Mutex<SerialDevice>>,
-    /// The i8042.
-    pub i8042: Arc<Mutex<I8042>>,
 }
 
 /// Refuses a target that exists, unless `force` is given and it is a snapshot wisp
@@ -302,67 +227,45 @@ fn disk_usage(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
-impl Machine {
-    /// Writes a snapshot of the paused VM to `dir` (the caller has checked it with
-    /// [`check_target`] before pausing).
-    pub fn snapshot(
-        &self,
-        vcpus: &VcpuThreads,
-        transports: &[Arc<Mutex<MmioTransport>>],
-        dir: &Path,
-        force: bool,
-    ) -> Result<SnapshotSummary, SnapshotError> {
-        let t0 = Instant::now();
-        let vcpu_states = vcpus.save_states().map_err(SnapshotError::Vcpus)?;
-        let vm = vm_state::save(&self.vm_fd)?;
-        let devices = DevicesState {
-            serial: lock(&self.serial).snapshot(),
-            i8042: lock(&self.i8042).snapshot(),
-            virtio: transports.iter().map(|t| lock(t).save()).collect(),
-        };
-        let partial = sibling(dir, "partial");
-        create_private_dir(&partial)?;
-        let result = self.write_files(&partial, vm, vcpu_states, devices);
-        let result = result.and_then(|len| replace_dir(&partial, dir, force).map(|()| len));
-        if result.is_err() {
-            let _ = remove_snapshot_dir(&partial);
-        }
-        let memory_bytes = result?;
-        Ok(SnapshotSummary {
-            path: dir.to_path_buf(),
-            disk_bytes: disk_usage(&dir.join(STATE_FILE)) + disk_usage(&dir.join(MEMORY_FILE)),
-            memory_bytes,
-            took_s: t0.elapsed().as_secs_f64(),
-        })
+/// Writes a snapshot of a paused VM, `machine` and its memory `mem`, to `dir` (the
+/// caller has checked it with [`check_target`] before pausing). `started` is when the
+/// capture began, for the summary.
+pub fn write(
+    dir: &Path,
+    machine: MachineState,
+    mem: &GuestMemory,
+    force: bool,
+    started: Instant,
+) -> Result<SnapshotSummary, SnapshotError> {
+    let partial = sibling(dir, "partial");
+    create_private_dir(&partial)?;
+    let result = write_files(&partial, machine, mem);
+    let result = result.and_then(|len| replace_dir(&partial, dir, force).map(|()| len));
+    if result.is_err() {
+        let _ = remove_snapshot_dir(&partial);
     }
+    let memory_bytes = result?;
+    Ok(SnapshotSummary {
+        path: dir.to_path_buf(),
+        disk_bytes: disk_usage(&dir.join(STATE_FILE)) + disk_usage(&dir.join(MEMORY_FILE)),
+        memory_bytes,
+        took_s: started.elapsed().as_secs_f64(),
+    })
+}
 
-    /// Writes the memory file and the state file into `dir`; returns the memory
-    /// file's length (guest RAM).
-    fn write_files(
-        &self,
-        dir: &Path,
-        vm: VmState,
-        vcpus: Vec<VcpuState>,
-        devices: DevicesState,
-    ) -> Result<u64, SnapshotError> {
-        let memory = memory_file::write(&self.mem, &dir.join(MEMORY_FILE))?;
-        let memory_len = memory.file_len();
-        let state = SnapshotState {
-            wisp_version: env!("CARGO_PKG_VERSION").to_string(),
-            config: self.config.clone(),
-            memory,
-            vm,
-            vcpus,
-            devices,
-        };
-        let path = dir.join(STATE_FILE);
-        let bytes = format::encode(&state).map_err(|source| SnapshotError::State {
-            path: path.clone(),
-            source,
-        })?;
-        write_private(&path, &bytes)?;
-        Ok(memory_len)
-    }
+/// Writes the memory file and the state file into `dir`; returns the memory file's
+/// length (guest RAM).
+fn write_files(dir: &Path, machine: MachineState, mem: &GuestMemory) -> Result<u64, SnapshotError> {
+    let memory = memory_file::write(mem, &dir.join(MEMORY_FILE))?;
+    let memory_len = memory.file_len();
+    let state = SnapshotState { machine, memory };
+    let path = dir.join(STATE_FILE);
+    let bytes = format::encode(&state).map_err(|source| SnapshotError::State {
+        path: path.clone(),
+        source,
+    })?;
+    write_private(&path, &bytes)?;
+    Ok(memory_len)
 }
 
 /// `DIR.TAG-PID`, beside `dir`.
@@ -466,6 +369,14 @@ pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
     })?;
     state.check()?;
     Ok(state)
+}
+
+impl Loaded {
+    /// The machine's state, and guest memory mapped copy-on-write from the memory file.
+    pub fn into_parts(self) -> Result<(MachineState, GuestMemory), SnapshotError> {
+        let mem = memory_file::map_private(self.memory, &self.memory_path, &self.state.memory)?;
+        Ok((self.state.machine, mem))
+    }
 }
 
 /// Opens the memory file of the snapshot in `dir` and checks its size and digest

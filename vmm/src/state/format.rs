@@ -11,7 +11,8 @@
 //! ```
 //!
 //! A reader checks, in order: length, magic, version, body length, checksum, and only
-//! then parses the body. The same encoding travels over the wire in live migration.
+//! then parses the body. This is how a [`super::MachineState`] is written wherever it
+//! goes (the body of a snapshot's state file adds the memory file's layout).
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
