@@ -175,11 +175,9 @@ mod tests {
         vcpu.set_regs(&boot_regs(entry)).unwrap();
         set_dirty_logging(&vm, &mem, true).unwrap();
         reset_device_bitmap(&mem);
-        loop {
-            match vcpu.run().unwrap() {
-                VcpuExit::IoOut(0x80, _) => break,
-                other => panic!("guest: {other:?}"),
-            }
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut(0x80, _) => {}
+            other => panic!("guest: {other:?}"),
         }
         mem.write_obj(7u8, GuestAddress(0x40_0000)).unwrap();
         let is_set = |log: &DirtyBitmap, page: usize| log[0][page / 64] & (1 << (page % 64)) != 0;
