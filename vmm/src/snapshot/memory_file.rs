@@ -21,14 +21,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{GuestRegionMmap, MmapRegion};
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemory;
 use crate::state::format::crc64_digest;
+use crate::state::pages::{self, is_zero, PAGE};
 
-const PAGE: usize = 4096;
 /// Bytes copied out of guest memory (or read from the file) at a time.
 const CHUNK: usize = 1 << 20;
 
@@ -110,13 +108,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MemoryFileError + '_ {
     }
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    // OR-folding 64-byte blocks lets the compiler vectorise; most pages are decided
-    // in the first block anyway.
-    page.chunks_exact(64)
-        .all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
-}
-
 /// Writes `mem` to a new file at `path` (mode 0600), leaving zero pages as holes.
 /// The vCPUs and devices must be paused.
 pub fn write(mem: &GuestMemory, path: &Path) -> Result<MemoryInfo, MemoryFileError> {
@@ -127,48 +118,42 @@ pub fn write(mem: &GuestMemory, path: &Path) -> Result<MemoryInfo, MemoryFileErr
         .open(path)
         .map_err(io_err(path))?;
     let mut digest = crc64_digest();
-    let mut regions = Vec::new();
     let mut data_pages = 0u64;
-    let mut file_off = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    for region in mem.iter() {
-        let len = region.len();
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
-            region
-                .get_slice(MemoryRegionAddress(off), n)
-                .map_err(MemoryFileError::Guest)?
-                .copy_to(chunk);
-            // Write each run of non-zero pages with one call.
-            let mut run_start: Option<usize> = None;
-            for (i, page) in chunk.chunks(PAGE).enumerate() {
-                let at = i * PAGE;
-                if is_zero(page) {
-                    if let Some(s) = run_start.take() {
-                        file.write_all_at(&chunk[s..at], file_off + off + s as u64)
+    pages::walk(
+        mem,
+        None,
+        |run| {
+            // Write each stretch of non-zero pages with one call.
+            let mut stretch: Option<(u64, usize)> = None;
+            for (i, page) in run.pages().enumerate() {
+                if page.zero {
+                    if let Some((at, from)) = stretch.take() {
+                        file.write_all_at(&run.data[from..i * PAGE], at)
                             .map_err(io_err(path))?;
                     }
                     continue;
                 }
-                digest.update(&(file_off + off + at as u64).to_le_bytes());
-                digest.update(page);
+                digest.update(&page.offset.to_le_bytes());
+                digest.update(page.data);
                 data_pages += 1;
-                run_start.get_or_insert(at);
+                stretch.get_or_insert((page.offset, i * PAGE));
             }
-            if let Some(s) = run_start {
-                file.write_all_at(&chunk[s..], file_off + off + s as u64)
+            if let Some((at, from)) = stretch {
+                file.write_all_at(&run.data[from..], at)
                     .map_err(io_err(path))?;
             }
-            off += n as u64;
-        }
-        regions.push(RegionInfo {
-            guest_addr: region.start_addr().0,
-            len,
-        });
-        file_off += len;
-    }
+            Ok(())
+        },
+        MemoryFileError::Guest,
+    )?;
+    let regions: Vec<RegionInfo> = mem
+        .iter()
+        .map(|r| RegionInfo {
+            guest_addr: r.start_addr().0,
+            len: r.len(),
+        })
+        .collect();
+    let file_off: u64 = regions.iter().map(|r| r.len).sum();
     // Trailing zero pages: extend the file without writing them.
     file.set_len(file_off).map_err(io_err(path))?;
     file.sync_all().map_err(io_err(path))?;

@@ -6,6 +6,7 @@
 //! encoding both use (header, CRC-64, JSON body).
 
 pub mod format;
+pub mod pages;
 
 use devices::legacy::serial::SerialSnapshot;
 use devices::legacy::I8042State;
