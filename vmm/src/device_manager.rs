@@ -95,11 +95,27 @@ pub fn cmdline_entries(slots: &[VirtioSlot]) -> String {
         .join(" ")
 }
 
-fn create_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceManagerError> {
+/// When disk images are locked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskLocks {
+    /// When they are opened (`wisp run`, `wisp restore`).
+    Now,
+    /// When each device claims its host resources (`VirtioDevice::claim_host`): a
+    /// migration's destination, whose source holds the locks until the hand-over.
+    AtClaim,
+}
+
+fn create_devices(
+    config: &VmConfig,
+    disk_locks: DiskLocks,
+) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceManagerError> {
     let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let name = format!("virtio-blk{i} ({})", disk.path.display());
-        out.push(Box::new(Block::open(disk, name)?));
+        out.push(Box::new(match disk_locks {
+            DiskLocks::Now => Block::open(disk, name)?,
+            DiskLocks::AtClaim => Block::open_unlocked(disk, name)?,
+        }));
     }
     for (i, net) in config.nets.iter().enumerate() {
         let backend: Box<dyn Backend> = match &net.backend {
@@ -130,9 +146,10 @@ pub fn attach(
     mem: &GuestMemory,
     mmio_bus: &mut Bus,
     config: &VmConfig,
+    disk_locks: DiskLocks,
 ) -> Result<VirtioDevices, DeviceManagerError> {
     let mut out = VirtioDevices::default();
-    for (index, device) in create_devices(config)?.into_iter().enumerate() {
+    for (index, device) in create_devices(config, disk_locks)?.into_iter().enumerate() {
         let slot = VirtioSlot::new(index);
         let irqfd = EventFd::new(EFD_NONBLOCK)?;
         vm_fd

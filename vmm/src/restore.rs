@@ -1,6 +1,11 @@
-//! Building a VM from a saved [`MachineState`] and its guest memory (mapped from a
-//! snapshot's memory file): the same machine as `wisp run` builds, with every piece of
-//! state loaded back instead of a kernel being booted.
+//! Building a VM from a saved [`MachineState`] and its guest memory: the same machine
+//! as `wisp run` builds, with every piece of state loaded back instead of a kernel
+//! being booted.
+//!
+//! Two steps, so that a migration's destination can do the slow one while memory
+//! still arrives: [`Vm::prepare`] makes the machine of a configuration (VM, memory
+//! slots, devices and their backends, vCPUs), [`Prepared::load`] loads the state into
+//! it. `wisp restore` does both at once ([`Vm::restore`]).
 
 use std::time::Instant;
 
@@ -8,15 +13,18 @@ use devices::bus::lock;
 use devices::legacy::serial::SerialOutput;
 use devices::legacy::SerialStateError;
 use devices::virtio::persist::PersistError;
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 
 use crate::arch::vm_state::{self, VmStateError};
+use crate::config::VmConfig;
+use crate::device_manager::DiskLocks;
 use crate::memory::{self, GuestMemory};
 use crate::state::MachineState;
-use crate::vm::{create_vcpus, create_vm, wire_devices, Vm, VmError};
+use crate::vcpu::Vcpu;
+use crate::vm::{create_vcpus, create_vm, wire_devices, Vm, VmError, Wired};
 
-/// A part of the snapshot that could not be loaded into the new VM.
+/// A part of the state that could not be loaded into the new VM.
 #[derive(Debug, Error)]
 pub enum RestoreError {
     /// The irqchip, PIT or clock.
@@ -24,18 +32,37 @@ pub enum RestoreError {
     VmState(#[from] VmStateError),
     /// COM1.
     #[error("serial: {0}")]
-    Serial(SerialStateError),
+    Serial(#[from] SerialStateError),
     /// A virtio device.
     #[error(transparent)]
     Device(#[from] PersistError),
+    /// A device could not take its host resources (a disk's image lock).
+    #[error("{device}: {source}")]
+    Claim {
+        /// The device.
+        device: String,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
-/// How to restore beyond what the snapshot says.
+/// How to restore beyond what the state says.
 pub struct RestoreOptions {
     /// wisp's process start.
     pub start: Instant,
     /// Where guest serial output goes.
     pub serial_output: SerialOutput,
+}
+
+/// The machine of a configuration, with no state loaded yet.
+pub struct Prepared {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    mem: GuestMemory,
+    config: VmConfig,
+    wired: Wired,
+    vcpus: Vec<Vcpu>,
+    start: Instant,
 }
 
 impl Vm {
@@ -48,24 +75,82 @@ impl Vm {
         mem: GuestMemory,
         opts: RestoreOptions,
     ) -> Result<Self, VmError> {
-        let config = &state.config;
+        Self::prepare(kvm, state.config.clone(), mem, opts, DiskLocks::Now)?.load(&state)
+    }
+
+    /// Makes the machine of `config` on `mem` (validated by the caller): the VM and its
+    /// memory slots, the devices with their backends (disk images locked as
+    /// `disk_locks` says), and the vCPUs, not configured.
+    pub fn prepare(
+        kvm: Kvm,
+        config: VmConfig,
+        mem: GuestMemory,
+        opts: RestoreOptions,
+        disk_locks: DiskLocks,
+    ) -> Result<Prepared, VmError> {
         let vm_fd = create_vm(&kvm)?;
         memory::register(&vm_fd, &mem)?;
         let wired = wire_devices(
             &vm_fd,
             &mem,
-            config,
+            &config,
             opts.start,
             opts.serial_output,
-            Some(&state.devices.serial),
+            disk_locks,
         )?;
+        let vcpus = create_vcpus(&kvm, &vm_fd, config.cpus, &wired, &mem)?;
+        Ok(Prepared {
+            kvm,
+            vm_fd,
+            mem,
+            config,
+            wired,
+            vcpus,
+            start: opts.start,
+        })
+    }
+}
+
+impl Prepared {
+    /// The guest memory the state's RAM goes into.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Has every device take its host resources (disk image locks) that it was
+    /// prepared without.
+    pub fn claim_host(&self) -> Result<(), VmError> {
+        for t in &self.wired.virtio.transports {
+            let mut t = lock(t);
+            t.claim_host().map_err(|source| RestoreError::Claim {
+                device: t.name().to_string(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Loads `state` (validated by the caller, for this configuration) and returns the
+    /// VM ready to run.
+    pub fn load(self, state: &MachineState) -> Result<Vm, VmError> {
+        let Prepared {
+            kvm,
+            vm_fd,
+            mem,
+            config,
+            wired,
+            vcpus,
+            start,
+        } = self;
         // KVM state first, then devices: a device restore may raise its interrupt,
         // which must land in the restored irqchip and LAPICs, not be overwritten by them.
-        let vcpus = create_vcpus(&kvm, &vm_fd, config.cpus, &wired, &mem)?;
         vm_state::restore(&vm_fd, &state.vm).map_err(RestoreError::from)?;
         for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
             vcpu.restore(saved)?;
         }
+        lock(&wired.serial)
+            .load(&state.devices.serial)
+            .map_err(RestoreError::from)?;
         wired.connect_serial(&vm_fd)?;
         lock(&wired.i8042).restore(&state.devices.i8042);
         for (transport, saved) in wired.virtio.transports.iter().zip(&state.devices.virtio) {
@@ -78,8 +163,8 @@ impl Vm {
             config.memory_mib,
             state.devices.virtio.len()
         );
-        Ok(Self::assemble(
-            kvm, vm_fd, mem, config, wired, vcpus, None, opts.start,
+        Ok(Vm::assemble(
+            kvm, vm_fd, mem, &config, wired, vcpus, None, start,
         ))
     }
 }

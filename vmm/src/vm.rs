@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use devices::legacy::serial::{SerialOutput, SerialSnapshot, SERIAL_PORT_COUNT};
+use devices::legacy::serial::{SerialOutput, SERIAL_PORT_COUNT};
 use devices::legacy::{
     AcpiSleep, BootTimer, DebugExit, SerialDevice, BOOT_COMPLETE_PORT, DEBUG_EXIT_PORT, I8042,
     I8042_COMMAND_PORT, I8042_DATA_PORT,
@@ -33,7 +33,6 @@ use crate::loader;
 use crate::machine::Machine;
 use crate::memory::{self, GuestMemory};
 use crate::outcome::{ExitLatch, Outcome};
-use crate::restore::RestoreError;
 use crate::run_control::{RunControl, VcpuThreads};
 use crate::signals::SignalFd;
 use crate::vcpu::{self, Vcpu};
@@ -157,18 +156,19 @@ pub(crate) struct Wired {
     pub(crate) mmio_bus: Arc<Bus>,
 }
 
-/// Creates the legacy and virtio devices of `config`; COM1 starts from `serial_state`
-/// when given (a restore). The caller connects COM1's interrupt last.
+/// Creates the legacy and virtio devices of `config` (disk images locked now, or with
+/// `lock_disks` false only when the devices claim them, see
+/// [`device_manager::DiskLocks`]). The caller connects COM1's interrupt last.
 pub(crate) fn wire_devices(
     vm_fd: &VmFd,
     mem: &GuestMemory,
     config: &VmConfig,
     start: Instant,
     serial_output: SerialOutput,
-    serial_state: Option<&SerialSnapshot>,
+    disk_locks: device_manager::DiskLocks,
 ) -> Result<Wired, VmError> {
     let mut mmio_bus = Bus::new();
-    let virtio = device_manager::attach(vm_fd, mem, &mut mmio_bus, config)?;
+    let virtio = device_manager::attach(vm_fd, mem, &mut mmio_bus, config, disk_locks)?;
 
     let latch = Arc::new(ExitLatch::new()?);
     let stop_latch = latch.clone();
@@ -178,12 +178,7 @@ pub(crate) fn wire_devices(
     let serial_drained = EventFd::new(EFD_NONBLOCK)?;
     let irq = serial_irq.try_clone()?;
     let drained = serial_drained.try_clone()?;
-    let serial = match serial_state {
-        Some(state) => SerialDevice::from_snapshot(irq, drained, serial_output, state)
-            .map_err(RestoreError::Serial)?,
-        None => SerialDevice::new(irq, drained, serial_output),
-    };
-    let serial = Arc::new(Mutex::new(serial));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, drained, serial_output)));
     let boot_timer = BootTimer::new(start);
     let boot_time = boot_timer.result();
     let i8042 = Arc::new(Mutex::new(I8042::new(on_stop.clone())));
@@ -298,7 +293,14 @@ impl Vm {
             Some(path) => Some(loader::load_initrd(&mem, mem_size, &kernel, path)?),
             None => None,
         };
-        let wired = wire_devices(&vm_fd, &mem, config, opts.start, opts.serial_output, None)?;
+        let wired = wire_devices(
+            &vm_fd,
+            &mem,
+            config,
+            opts.start,
+            opts.serial_output,
+            device_manager::DiskLocks::Now,
+        )?;
         let slots = &wired.virtio.slots;
         let announce = if cmdline::acpi_off(&config.cmdline) {
             device_manager::cmdline_entries(slots)

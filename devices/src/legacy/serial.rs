@@ -135,15 +135,24 @@ impl SerialDevice {
     }
 
     /// A UART in the state `state` (from [`SerialDevice::snapshot`], possibly from an
-    /// untrusted file), wired like [`SerialDevice::new`]. Raises `irq` if the restored
-    /// registers have an interrupt pending. `drained` is not signalled: the caller
-    /// checks [`SerialDevice::fifo_capacity`] to resume feeding input.
+    /// untrusted file), wired like [`SerialDevice::new`]; see [`SerialDevice::load`].
     pub fn from_snapshot(
         irq: EventFd,
         drained: EventFd,
         out: SerialOutput,
         state: &SerialSnapshot,
     ) -> Result<Self, SerialStateError> {
+        let mut dev = Self::new(irq, drained, out);
+        dev.load(state)?;
+        Ok(dev)
+    }
+
+    /// Puts the UART in the state `state` (untrusted: checked first; on error the UART
+    /// is unchanged), keeping its interrupt, drain event and output. Raises the
+    /// interrupt if the loaded registers have one pending. The drain event is not
+    /// signalled: the caller checks [`SerialDevice::fifo_capacity`] to resume feeding
+    /// input.
+    pub fn load(&mut self, state: &SerialSnapshot) -> Result<(), SerialStateError> {
         let len = state.in_buffer.len();
         if len > SERIAL_FIFO_SIZE {
             return Err(SerialStateError::InputTooLong { len });
@@ -154,26 +163,33 @@ impl SerialDevice {
                 lsr: state.line_status,
             });
         }
-        let uart = Serial::from_state(
+        let uart_err = |e: io::Error| SerialStateError::Uart(e.to_string());
+        let irq = self.uart.interrupt_evt().0.try_clone().map_err(uart_err)?;
+        let drained = self.uart.events().0.try_clone().map_err(uart_err)?;
+        // Take the output out of the current UART for the new one.
+        let placeholder = Serial::with_events(
+            EventFdTrigger(irq.try_clone().map_err(uart_err)?),
+            InputDrained(drained.try_clone().map_err(uart_err)?),
+            Box::new(io::sink()) as SerialOutput,
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        self.uart = Serial::from_state(
             &state.clone().into(),
             EventFdTrigger(irq),
             InputDrained(drained),
             out,
         )
         .map_err(|e| SerialStateError::Uart(e.to_string()))?;
-        let dev = Self {
-            uart,
-            output_failed: false,
-        };
+        self.output_failed = false;
         // vm-superio raises the interrupt only if the saved IIR shows it; a UART saved
         // with data waiting and no interrupt recorded (a guest that missed it) gets it.
-        if dev.rx_interrupt_pending() && state.interrupt_identification & IIR_RDA == 0 {
-            dev.uart
+        if self.rx_interrupt_pending() && state.interrupt_identification & IIR_RDA == 0 {
+            self.uart
                 .interrupt_evt()
                 .trigger()
                 .map_err(|e| SerialStateError::Uart(e.to_string()))?;
         }
-        Ok(dev)
+        Ok(())
     }
 }
 
@@ -315,6 +331,24 @@ mod tests {
             d.write(0x3f8, 0, &[*b]);
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn load_keeps_the_output_and_refuses_bad_states_unchanged() {
+        let (mut d, _irq, _drained, sink) = dev();
+        d.write(0x3f8, 0, b"a");
+        let mut state = d.snapshot();
+        state.scratch = 0x42;
+        d.load(&state).unwrap();
+        d.write(0x3f8, 0, b"b");
+        assert_eq!(&*sink.0.lock().unwrap(), b"ab");
+        let mut b = [0u8];
+        d.read(0x3f8, 7, &mut b);
+        assert_eq!(b[0], 0x42);
+        let mut bad = state.clone();
+        bad.in_buffer = vec![0; SERIAL_FIFO_SIZE + 1];
+        assert!(d.load(&bad).is_err());
+        assert_eq!(d.snapshot(), state, "unchanged");
     }
 
     #[test]

@@ -147,6 +147,16 @@ impl MmioTransport {
         self.device.backend_generation()
     }
 
+    /// See [`VirtioDevice::release_host`].
+    pub fn release_host(&mut self) -> std::io::Result<()> {
+        self.device.release_host()
+    }
+
+    /// See [`VirtioDevice::claim_host`].
+    pub fn claim_host(&mut self) -> std::io::Result<()> {
+        self.device.claim_host()
+    }
+
     pub(super) fn running(&self) -> bool {
         self.status & status::DRIVER_OK != 0 && self.status & status::NEEDS_RESET == 0
     }

@@ -184,6 +184,17 @@ pub trait VirtioDevice: Send {
     fn backend_event(&mut self, _ctx: QueueContext, _events: u32) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// Hands what the device holds exclusively on the host over to another process (a
+    /// migration's destination): finishes and flushes its writes and releases its
+    /// locks (a disk's image lock). Runs while the VM is paused. Default: nothing.
+    fn release_host(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Takes back (or takes for the first time) what [`VirtioDevice::release_host`]
+    /// gave up; fails if another process holds it. Default: nothing.
+    fn claim_host(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// The device-specific state, for a snapshot.
     fn save(&self) -> DeviceState;
     /// Takes the device-specific state `state` (untrusted: validated against this

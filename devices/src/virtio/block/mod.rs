@@ -73,6 +73,7 @@ pub struct BlockConfig {
 /// A virtio-blk device.
 pub struct Block {
     name: String,
+    path: PathBuf,
     file: File,
     read_only: bool,
     capacity: u64,
@@ -105,9 +106,28 @@ fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
     Ok(())
 }
 
+/// Releases a lock taken by [`lock`].
+fn unlock(file: &File) -> io::Result<()> {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Block {
-    /// Opens the image of `config`; `name` is used in logs (e.g. `virtio-blk vda`).
+    /// Opens the image of `config` and locks it (shared if read-only, else exclusive);
+    /// `name` is used in logs (e.g. `virtio-blk vda`).
     pub fn open(config: &BlockConfig, name: String) -> Result<Self, BlockError> {
+        let block = Self::open_unlocked(config, name)?;
+        lock(&block.file, &config.path, config.read_only)?;
+        Ok(block)
+    }
+
+    /// Opens the image of `config` without locking it: a migration's destination,
+    /// which takes the lock ([`VirtioDevice::claim_host`]) only once the source has
+    /// released it.
+    pub fn open_unlocked(config: &BlockConfig, name: String) -> Result<Self, BlockError> {
         let path = &config.path;
         let mut file = host_file::open(
             path,
@@ -118,7 +138,6 @@ impl Block {
             path: path.clone(),
             source,
         })?;
-        lock(&file, path, config.read_only)?;
         let bytes = file
             .seek(SeekFrom::End(0))
             .map_err(|source| BlockError::Size {
@@ -144,6 +163,7 @@ impl Block {
         cfg[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         Ok(Self {
             name,
+            path: path.clone(),
             file,
             read_only: config.read_only,
             capacity,
@@ -198,6 +218,20 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, _ctx: QueueContext) -> Result<(), DeviceError> {
         Ok(())
+    }
+
+    /// Requests complete while the event loop processes the queue, so with the VM
+    /// paused nothing is in flight: flush what was written and release the lock.
+    fn release_host(&mut self) -> io::Result<()> {
+        if !self.read_only {
+            self.file.sync_data()?;
+        }
+        unlock(&self.file)
+    }
+
+    fn claim_host(&mut self) -> io::Result<()> {
+        lock(&self.file, &self.path, self.read_only)
+            .map_err(|e| io::Error::new(io::ErrorKind::WouldBlock, e.to_string()))
     }
 
     fn reset(&mut self) {

@@ -235,3 +235,21 @@ fn an_image_in_use_is_refused() {
     };
     assert!(matches!(e, BlockError::Locked { .. }), "{e}");
 }
+
+#[test]
+fn the_image_lock_is_handed_over_between_two_openers() {
+    let (cfg, _file) = image(8, false);
+    let mut source = Block::open(&cfg, "source".into()).unwrap();
+    assert!(matches!(
+        Block::open(&cfg, "other".into()),
+        Err(BlockError::Locked { .. })
+    ));
+    let mut dest = Block::open_unlocked(&cfg, "dest".into()).unwrap();
+    let e = dest.claim_host().unwrap_err();
+    assert!(e.to_string().contains("in use by another process"), "{e}");
+    source.release_host().unwrap();
+    dest.claim_host().unwrap();
+    assert!(source.claim_host().is_err(), "the destination holds it now");
+    dest.release_host().unwrap();
+    source.claim_host().unwrap();
+}
