@@ -14,6 +14,7 @@ pub mod host;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod outcome;
 pub mod restore;
 pub mod run_control;

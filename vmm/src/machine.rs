@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use devices::bus::lock;
 use devices::legacy::{SerialDevice, I8042};
 use devices::virtio::mmio::MmioTransport;
+use kvm_bindings::kvm_cpuid_entry2;
 use kvm_ioctls::VmFd;
 use thiserror::Error;
 
@@ -29,8 +30,8 @@ pub enum SaveError {
 
 /// The VM, its memory, configuration and the devices the VMM thread reaches directly.
 pub struct Machine {
-    /// The VM (irqchip, PIT, clock).
-    pub vm_fd: VmFd,
+    /// The VM (irqchip, PIT, clock); shared with a migration job for the dirty log.
+    pub vm_fd: Arc<VmFd>,
     /// Guest RAM.
     pub mem: GuestMemory,
     /// The configuration, MACs resolved.
@@ -39,6 +40,8 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The i8042.
     pub i8042: Arc<Mutex<I8042>>,
+    /// vCPU 0's CPUID, as the guest sees it (a migration offers its features).
+    pub guest_cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 impl Machine {

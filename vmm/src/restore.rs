@@ -22,7 +22,7 @@ use crate::device_manager::DiskLocks;
 use crate::memory::{self, GuestMemory};
 use crate::state::MachineState;
 use crate::vcpu::Vcpu;
-use crate::vm::{create_vcpus, create_vm, wire_devices, Vm, VmError, Wired};
+use crate::vm::{create_vcpus, create_vm, wire_devices, Parts, Vm, VmError, Wired};
 
 /// A part of the state that could not be loaded into the new VM.
 #[derive(Debug, Error)]
@@ -163,8 +163,21 @@ impl Prepared {
             config.memory_mib,
             state.devices.virtio.len()
         );
-        Ok(Vm::assemble(
-            kvm, vm_fd, mem, &config, wired, vcpus, None, start,
-        ))
+        let guest_cpuid = state
+            .vcpus
+            .first()
+            .map(|v| v.cpuid.clone())
+            .unwrap_or_default();
+        Ok(Vm::assemble(Parts {
+            kvm,
+            vm_fd,
+            mem,
+            config,
+            wired,
+            vcpus,
+            guest_cpuid,
+            entry: None,
+            start,
+        }))
     }
 }

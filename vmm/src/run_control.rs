@@ -183,11 +183,6 @@ impl RunControl {
         self.attention.store(true, Ordering::Release);
         self.cond.notify_all();
     }
-
-    /// Whether a pause is in effect.
-    pub fn paused(&self) -> bool {
-        self.lock().pause
-    }
 }
 
 /// The running vCPU threads and their control.
@@ -242,11 +237,6 @@ impl VcpuThreads {
     /// Every vCPU's state (the vCPUs must be paused).
     pub fn save_states(&self) -> Result<Vec<VcpuState>, SaveStatesError> {
         self.control.save_states(self.count, PAUSE_TIMEOUT)
-    }
-
-    /// Whether the vCPUs are paused.
-    pub fn paused(&self) -> bool {
-        self.control.paused()
     }
 
     /// Stops every vCPU thread and joins it.

@@ -160,7 +160,8 @@ impl Vcpu {
         }
     }
 
-    /// Sets CPUID, MSRs, registers, FPU and LAPIC for booting at `entry`.
+    /// Sets CPUID, MSRs, registers, FPU and LAPIC for booting at `entry`; returns the
+    /// CPUID it set.
     /// `no_hypercalls` hides the KVM PV features that need hypercalls (see
     /// [`VcpuTopology::no_hypercalls`]).
     pub fn configure(
@@ -170,7 +171,7 @@ impl Vcpu {
         count: u8,
         entry: EntryPoint,
         no_hypercalls: bool,
-    ) -> Result<(), VcpuError> {
+    ) -> Result<CpuId, VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         normalize(
             cpuid.as_mut_slice(),
@@ -205,7 +206,7 @@ impl Vcpu {
         self.fd
             .set_lapic(&lapic)
             .map_err(self.kvm_err("KVM_SET_LAPIC"))?;
-        Ok(())
+        Ok(cpuid)
     }
 
     /// Starts the vCPU thread. It runs until `control` says stop (and the thread is

@@ -1,8 +1,8 @@
 //! Building a VM from a [`VmConfig`] and running it: memory, kernel, boot structures,
 //! in-kernel irqchip and PIT, legacy devices, vCPU threads, and the VMM event loop.
 
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use devices::legacy::serial::{SerialOutput, SERIAL_PORT_COUNT};
 use devices::legacy::{
@@ -11,7 +11,9 @@ use devices::legacy::{
 };
 use devices::virtio::mmio::MmioTransport;
 use devices::{Bus, BusError, StopCallback};
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::GuestAddress;
@@ -113,7 +115,6 @@ pub struct Vm {
     serial_drained: EventFd,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     latch: Arc<ExitLatch>,
-    boot_time: Arc<OnceLock<Duration>>,
     entry: Option<EntryPoint>,
     start: Instant,
 }
@@ -151,7 +152,6 @@ pub(crate) struct Wired {
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) virtio: device_manager::VirtioDevices,
     pub(crate) latch: Arc<ExitLatch>,
-    pub(crate) boot_time: Arc<OnceLock<Duration>>,
     pub(crate) io_bus: Arc<Bus>,
     pub(crate) mmio_bus: Arc<Bus>,
 }
@@ -180,7 +180,6 @@ pub(crate) fn wire_devices(
     let drained = serial_drained.try_clone()?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(irq, drained, serial_output)));
     let boot_timer = BootTimer::new(start);
-    let boot_time = boot_timer.result();
     let i8042 = Arc::new(Mutex::new(I8042::new(on_stop.clone())));
     let acpi_sleep = Arc::new(Mutex::new(AcpiSleep::new(on_stop.clone())));
 
@@ -207,7 +206,6 @@ pub(crate) fn wire_devices(
         i8042,
         virtio,
         latch,
-        boot_time,
         io_bus: Arc::new(io_bus),
         mmio_bus: Arc::new(mmio_bus),
     })
@@ -223,6 +221,20 @@ impl Wired {
             .register_irqfd(&self.serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))
     }
+}
+
+/// What a VM is assembled from.
+pub(crate) struct Parts {
+    pub(crate) kvm: Kvm,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) mem: GuestMemory,
+    pub(crate) config: VmConfig,
+    pub(crate) wired: Wired,
+    pub(crate) vcpus: Vec<Vcpu>,
+    /// vCPU 0's CPUID, as the guest sees it.
+    pub(crate) guest_cpuid: Vec<kvm_cpuid_entry2>,
+    pub(crate) entry: Option<EntryPoint>,
+    pub(crate) start: Instant,
 }
 
 /// Creates the vCPUs of `config` (not yet configured).
@@ -251,33 +263,23 @@ pub(crate) fn create_vcpus(
 
 impl Vm {
     /// Assembles a VM from its parts (boot or restore).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn assemble(
-        kvm: Kvm,
-        vm_fd: VmFd,
-        mem: GuestMemory,
-        config: &VmConfig,
-        wired: Wired,
-        vcpus: Vec<Vcpu>,
-        entry: Option<EntryPoint>,
-        start: Instant,
-    ) -> Self {
+    pub(crate) fn assemble(p: Parts) -> Self {
         Self {
-            vcpus,
+            vcpus: p.vcpus,
             machine: Machine {
-                vm_fd,
-                mem,
-                config: config.clone(),
-                serial: wired.serial,
-                i8042: wired.i8042,
+                vm_fd: Arc::new(p.vm_fd),
+                mem: p.mem,
+                config: p.config,
+                serial: p.wired.serial,
+                i8042: p.wired.i8042,
+                guest_cpuid: p.guest_cpuid,
             },
-            _kvm: kvm,
-            serial_drained: wired.serial_drained,
-            virtio: wired.virtio.transports,
-            latch: wired.latch,
-            boot_time: wired.boot_time,
-            entry,
-            start,
+            _kvm: p.kvm,
+            serial_drained: p.wired.serial_drained,
+            virtio: p.wired.virtio.transports,
+            latch: p.wired.latch,
+            entry: p.entry,
+            start: p.start,
         }
     }
 
@@ -334,36 +336,36 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let vcpus = create_vcpus(&kvm, &vm_fd, config.cpus, &wired, &mem)?;
+        let mut guest_cpuid = Vec::new();
         for vcpu in &vcpus {
-            vcpu.configure(
+            let cpuid = vcpu.configure(
                 &kvm,
                 &supported,
                 config.cpus,
                 kernel.entry,
                 opts.emulated_kernel_mode,
             )?;
+            if guest_cpuid.is_empty() {
+                guest_cpuid = cpuid.as_slice().to_vec();
+            }
         }
         wired.connect_serial(&vm_fd)?;
-        Ok(Self::assemble(
+        Ok(Self::assemble(Parts {
             kvm,
             vm_fd,
             mem,
-            config,
+            config: config.clone(),
             wired,
             vcpus,
-            Some(kernel.entry),
-            opts.start,
-        ))
+            guest_cpuid,
+            entry: Some(kernel.entry),
+            start: opts.start,
+        }))
     }
 
     /// How the kernel is entered (None for a restored VM).
     pub fn entry(&self) -> Option<EntryPoint> {
         self.entry
-    }
-
-    /// The boot-complete time, once the guest has reported it.
-    pub fn boot_time(&self) -> Arc<OnceLock<Duration>> {
-        self.boot_time.clone()
     }
 
     /// Runs the VM until the guest stops, crashes, or the user, a signal or the control
