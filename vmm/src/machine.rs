@@ -45,6 +45,15 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// Guest RAM as (guest address, length) regions.
+    pub fn mem_layout(&self) -> Vec<(u64, u64)> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
+
     /// Captures the state of the paused VM: every vCPU (each saved by its own thread),
     /// the in-kernel devices and clock, and every device.
     pub fn save_state(

@@ -18,6 +18,11 @@ pub enum Outcome {
     Signal(i32),
     /// A `stop` request on the control socket.
     Stopped,
+    /// The VM moved to another wisp, which runs it now.
+    Migrated(String),
+    /// A migration's destination could not confirm the hand-over to its source, so it
+    /// stops: the source keeps the VM.
+    HandOverFailed(String),
 }
 
 impl Outcome {
@@ -26,9 +31,10 @@ impl Outcome {
         match self {
             Outcome::Guest(StopReason::Reset | StopReason::PowerOff)
             | Outcome::Quit
-            | Outcome::Stopped => 0,
+            | Outcome::Stopped
+            | Outcome::Migrated(_) => 0,
             Outcome::Guest(StopReason::ExitCode(c)) => i32::from(*c),
-            Outcome::Crash(_) => 1,
+            Outcome::Crash(_) | Outcome::HandOverFailed(_) => 1,
             Outcome::Signal(s) => 128 + s,
         }
     }
@@ -43,6 +49,10 @@ impl Outcome {
             Outcome::Quit => "quit from the console".into(),
             Outcome::Signal(s) => format!("stopped by signal {s}"),
             Outcome::Stopped => "stopped through the control socket".into(),
+            Outcome::Migrated(to) => format!("migrated to {to}; the VM runs there now"),
+            Outcome::HandOverFailed(why) => {
+                format!("migration hand-over failed ({why}); the VM stays with the source")
+            }
         }
     }
 }

@@ -127,6 +127,56 @@ pub enum Request {
         #[serde(default)]
         stop: bool,
     },
+    /// Move the VM to another wisp (`wisp receive`). The answer comes at once; the
+    /// connection then carries one [`MigrationEvent`] line per round and a last one.
+    Migrate {
+        /// `tcp:HOST:PORT` or `unix:PATH`.
+        to: String,
+        /// The pause the VM may see, in milliseconds.
+        #[serde(default = "default_downtime_ms")]
+        downtime_ms: u64,
+        /// How long pre-copy may take, in seconds.
+        #[serde(default = "default_timeout_s")]
+        timeout_s: u64,
+        /// `abort` or `stop-copy`.
+        #[serde(default)]
+        on_timeout: crate::migration::OnTimeout,
+        /// At most this many MB/s.
+        #[serde(default)]
+        bandwidth_mbps: Option<u64>,
+    },
+    /// Stop a running migration; the VM keeps running here.
+    #[serde(rename = "migrate-cancel")]
+    MigrateCancel,
+}
+
+fn default_downtime_ms() -> u64 {
+    30
+}
+
+fn default_timeout_s() -> u64 {
+    300
+}
+
+/// What a migration's connection carries after the answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum MigrationEvent {
+    /// Where it is.
+    Progress {
+        /// The figures.
+        progress: crate::migration::Progress,
+    },
+    /// It succeeded: the VM runs on the destination, and this wisp exits.
+    Done {
+        /// The figures.
+        summary: crate::migration::Summary,
+    },
+    /// It failed; the VM keeps running here.
+    Failed {
+        /// Why.
+        error: String,
+    },
 }
 
 impl Request {
@@ -135,6 +185,10 @@ impl Request {
         match self {
             // Writing guest memory takes time on slow disks.
             Request::Snapshot { .. } => Duration::from_secs(600),
+            // The answer comes at once; events follow as the migration goes.
+            Request::Migrate { timeout_s, .. } => {
+                Duration::from_secs(timeout_s.saturating_add(120))
+            }
             _ => Duration::from_secs(30),
         }
     }
@@ -158,7 +212,7 @@ impl Request {
 pub struct Status {
     /// VM name.
     pub name: String,
-    /// `running`, `paused` or `stopping`.
+    /// `running`, `paused`, `migrating` or `stopping`.
     pub state: String,
     /// vCPUs.
     pub cpus: u8,
@@ -168,6 +222,9 @@ pub struct Status {
     pub uptime_s: f64,
     /// wisp's process id.
     pub pid: u32,
+    /// Where a running migration is.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub migration: Option<crate::migration::Progress>,
 }
 
 /// An answer: `ok`, an optional status, an optional error.

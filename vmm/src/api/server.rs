@@ -262,10 +262,24 @@ pub struct Reply(UnixStream);
 impl Reply {
     /// Writes `r` as one line (best effort: the client may be gone or not reading).
     pub fn send(mut self, r: &Response) {
-        let mut line = serde_json::to_string(r).unwrap_or_else(|_| "{\"ok\":false}".into());
+        self.line(r);
+    }
+
+    /// Writes `value` as one more line; false if the client is gone or does not keep
+    /// up (the socket is non-blocking: a client that stops reading is dropped, it never
+    /// blocks the VMM thread).
+    pub fn line<T: serde::Serialize>(&mut self, value: &T) -> bool {
+        let mut line = match serde_json::to_string(value) {
+            Ok(l) => l,
+            Err(_) => return false,
+        };
         line.push('\n');
-        if let Err(e) = self.0.write_all(line.as_bytes()) {
-            log::debug!("control socket: answer not delivered: {e}");
+        match self.0.write_all(line.as_bytes()) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("control socket: answer not delivered: {e}");
+                false
+            }
         }
     }
 }

@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
 use super::{EventLoop, EventLoopError, TOKEN_CLIENTS};
 use crate::api::{ApiServer, Connections, Request, Response, Status};
+use crate::migration::{Address, MigrateOptions};
 use crate::outcome::Outcome;
 use crate::run_control::{VcpuThreads, PAUSE_TIMEOUT};
 use crate::snapshot::{self, check_target, SnapshotSummary};
@@ -30,10 +31,12 @@ pub(super) struct Api {
 }
 
 impl EventLoop {
-    fn status(&self) -> Status {
+    pub(super) fn status(&self) -> Status {
         let config = &self.machine.config;
         let state = if self.latch.get().is_some() {
             "stopping"
+        } else if self.migration.is_some() {
+            "migrating"
         } else if self.pending.is_some() {
             "paused"
         } else {
@@ -46,6 +49,10 @@ impl EventLoop {
             memory_mib: config.memory_mib,
             uptime_s: self.start.elapsed().as_secs_f64(),
             pid: std::process::id(),
+            migration: self
+                .migration
+                .as_ref()
+                .and_then(|m| m.progress.lock().ok().map(|p| p.clone())),
         }
     }
 
@@ -74,15 +81,39 @@ impl EventLoop {
         let mut snapshot = None;
         let result = match req {
             Request::Status => Ok(()),
-            Request::Pause => self.pause(vcpus),
-            Request::Resume => self.resume(vcpus),
+            Request::Pause => self.migrating().and_then(|()| self.pause(vcpus)),
+            Request::Resume => self.migrating().and_then(|()| self.resume(vcpus)),
             Request::Stop => {
                 self.latch.set(Outcome::Stopped);
                 Ok(())
             }
-            Request::Snapshot { to, force, stop } => self
-                .snapshot(vcpus, &to, force, stop)
-                .map(|s| snapshot = Some(s)),
+            Request::Snapshot { to, force, stop } => self.migrating().and_then(|()| {
+                self.snapshot(vcpus, &to, force, stop)
+                    .map(|s| snapshot = Some(s))
+            }),
+            Request::Migrate {
+                to,
+                downtime_ms,
+                timeout_s,
+                on_timeout,
+                bandwidth_mbps,
+            } => {
+                match to.parse::<Address>() {
+                    Ok(to) => self.start_migration(
+                        MigrateOptions {
+                            to,
+                            downtime_ms,
+                            timeout_s,
+                            on_timeout,
+                            bandwidth_mbps,
+                        },
+                        reply,
+                    ),
+                    Err(e) => reply.send(&Response::refused(format!("--to {e}"))),
+                }
+                return;
+            }
+            Request::MigrateCancel => self.cancel_migration(),
         };
         let response = match result {
             Ok(()) => Response {
@@ -96,7 +127,7 @@ impl EventLoop {
         reply.send(&response);
     }
 
-    fn pause(&mut self, vcpus: &VcpuThreads) -> Result<(), String> {
+    pub(super) fn pause(&mut self, vcpus: &VcpuThreads) -> Result<(), String> {
         if self.pending.is_some() {
             return Ok(());
         }
@@ -151,7 +182,7 @@ impl EventLoop {
         result
     }
 
-    fn resume(&mut self, vcpus: &VcpuThreads) -> Result<(), String> {
+    pub(super) fn resume(&mut self, vcpus: &VcpuThreads) -> Result<(), String> {
         let Some(pending) = self.pending.take() else {
             return Ok(());
         };

@@ -4,6 +4,7 @@
 //! edge-triggered).
 
 mod control;
+mod migrate;
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,6 +29,8 @@ const TOKEN_INPUT: u64 = 1;
 const TOKEN_DRAINED: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_API: u64 = 4;
+/// A migration job's wake-up.
+const TOKEN_JOB: u64 = 5;
 /// Control-socket clients: `TOKEN_CLIENTS + slot`.
 const TOKEN_CLIENTS: u64 = 1 << 32;
 const READ_CHUNK: usize = 4096;
@@ -84,6 +87,8 @@ pub struct EventLoop {
     machine: Machine,
     /// wisp's start, for the uptime.
     start: Instant,
+    /// A migration in progress.
+    migration: Option<migrate::Migration>,
 }
 
 impl EventLoop {
@@ -150,6 +155,7 @@ impl EventLoop {
             pending: None,
             machine,
             start,
+            migration: None,
         })
     }
 
@@ -178,6 +184,7 @@ impl EventLoop {
                         }
                     }
                     TOKEN_API => self.accept_clients()?,
+                    TOKEN_JOB => self.job_events(vcpus)?,
                     t if (TOKEN_CLIENTS..TOKEN_CLIENTS + MAX_CLIENTS as u64).contains(&t) => {
                         self.client_request((t - TOKEN_CLIENTS) as usize, vcpus)
                     }

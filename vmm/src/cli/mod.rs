@@ -1,0 +1,81 @@
+//! The subcommands of the `wisp` binary, one file each, and what they share.
+
+pub mod control;
+pub mod restore;
+pub mod run;
+pub mod snapshot;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
+use devices::legacy::serial::SerialOutput;
+use vmm::config::{self, HostLimits};
+use vmm::console::{Console, ConsoleSpec};
+use vmm::host;
+use vmm::outcome::Outcome;
+use vmm::vm::Vm;
+
+/// Set while the terminal is raw, so log lines end in "\r\n".
+pub static RAW_TERMINAL: AtomicBool = AtomicBool::new(false);
+
+/// A count on the command line (negative numbers reach here too, so the message can
+/// say what is wrong with them).
+pub fn whole_number(s: &str) -> Result<u64, String> {
+    s.parse()
+        .map_err(|_| "expected a whole number such as 256".to_string())
+}
+
+/// The control socket: `--api PATH`, else VM `name`'s socket in wisp's runtime
+/// directory.
+pub fn bind_api(api: Option<&Path>, name: &str) -> Result<vmm::api::ApiServer> {
+    Ok(match api {
+        Some(path) => vmm::api::ApiServer::bind(path)?,
+        None => vmm::api::ApiServer::bind_default(name)?,
+    })
+}
+
+/// Opens the console and takes its output side for the guest's UART.
+pub fn open_console(spec: &ConsoleSpec) -> Result<(Console, SerialOutput)> {
+    let mut console = Console::open(spec)?;
+    let output = console
+        .output
+        .take()
+        .context("console output already taken")?;
+    Ok((console, output))
+}
+
+/// Runs a built or restored VM on `console` until it ends; returns wisp's exit status.
+pub fn run_vm(vm: Vm, mut console: Console, api: vmm::api::ApiServer, name: &str) -> Result<u8> {
+    RAW_TERMINAL.store(console.is_raw(), Ordering::Relaxed);
+    log::debug!("control socket {}", api.path().display());
+    let outcome = vm.run(console.input.take(), Some(api));
+    drop(console);
+    RAW_TERMINAL.store(false, Ordering::Relaxed);
+    let outcome = outcome?;
+    match &outcome {
+        Outcome::Crash(_) => bail!("{}", outcome.describe()),
+        o => log::info!("{name}: {}", o.describe()),
+    }
+    Ok(u8::try_from(outcome.exit_code()).unwrap_or(1))
+}
+
+pub fn open_checked_kvm() -> Result<kvm_ioctls::Kvm> {
+    let kvm = host::open_kvm()?;
+    let missing = host::missing_caps(&kvm, host::REQUIRED_CAPS);
+    if !missing.is_empty() {
+        bail!(
+            "this host's KVM lacks {} (see `wisp doctor`)",
+            missing.join(", ")
+        );
+    }
+    Ok(kvm)
+}
+
+/// What this host allows a VM.
+pub fn host_limits(kvm: &kvm_ioctls::Kvm) -> HostLimits {
+    HostLimits {
+        max_vcpus: kvm.get_max_vcpus() as u64,
+        ram_mib: config::host_ram_mib().unwrap_or(u64::MAX),
+    }
+}

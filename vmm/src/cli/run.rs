@@ -1,0 +1,226 @@
+//! `wisp run`: boot a VM from a kernel.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use vmm::config::{self, VmConfig};
+use vmm::console::ConsoleSpec;
+use vmm::host::measure_kernel_mode;
+use vmm::vm::{BuildOptions, Vm};
+
+use super::{bind_api, host_limits, open_checked_kvm, open_console, run_vm, whole_number};
+
+/// Iterations of the timing guest `wisp run` uses to detect emulated kernel mode
+/// (about 30 ms where it is emulated, microseconds on hardware).
+const RUN_PROBE_ITERATIONS: u32 = 20_000;
+
+#[derive(Args)]
+#[command(after_long_help = "\
+CONSOLE:
+  With --console stdio on a terminal, the terminal is switched to raw mode and every key
+  goes to the guest. Press Ctrl-A then x to quit (the VM is stopped); Ctrl-A Ctrl-A sends
+  a literal Ctrl-A. When stdin is a pipe or a file, every byte reaches the guest, paced by
+  the UART so nothing is lost; end of input leaves the VM running.
+
+GUEST DEVICES:
+  COM1 (0x3f8, IRQ 4) is the console. The i8042 reset (Linux reboot=k) ends the VM with
+  status 0. Writing a byte N to I/O port 0x500 ends the VM with status N (debug exit).
+  Writing 0x7b to port 0x501 marks boot complete: wisp logs the time since it started.
+  Disks and network cards are virtio-mmio devices (virtio 1.x), one 4 KiB window each
+  from 0xd0000000 with GSIs from 5, described in the ACPI DSDT. With acpi=off in
+  --cmdline, wisp announces them as virtio_mmio.device= words instead.
+
+EXIT STATUS:
+  0 when the guest powers off or reboots (or you quit with Ctrl-A x), N when it writes N to
+  the debug-exit port, 1 on errors (bad input, host problems, guest crash: triple fault,
+  KVM emulation failure), 128+signal when wisp is stopped by a signal.
+
+EXAMPLES:
+  wisp run                                  # the default guest from scripts/build-guest.sh
+  wisp run --cpus 2 --memory 256            # ... with 2 vCPUs and 256 MiB
+  wisp run --disk target/guest/rootfs.ext4 --cmdline 'root=/dev/vda rw'
+  wisp run --net tap=tap0 --cmdline 'ip=192.168.100.2::192.168.100.1:255.255.255.0'
+  wisp run --name vm1 --net bridge=wispbr0 --cmdline ip=dhcp
+  wisp run --net user,hostfwd=tcp::2222-:22     # then: ssh -p 2222 root@127.0.0.1
+  wisp run --kernel target/guest/probe --cmdline probe.cmd=hello")]
+pub struct RunArgs {
+    /// Kernel to boot: an x86_64 ELF vmlinux (PVH entry if it has the PVH note, else the
+    /// 64-bit entry) or a bzImage. Default: the default guest's kernel
+    /// (target/guest/vmlinux, built by scripts/build-guest.sh), with its initramfs
+    /// unless --cmdline has root= (then the root file system comes from a --disk).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Initial ramdisk (initramfs) loaded at the top of low memory.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Extra kernel command line, appended to wisp's defaults
+    /// ("console=ttyS0 reboot=k panic=-1"; on hosts where guest kernel mode is emulated,
+    /// also "noxsave clearcpuid=... quiet" and friends, see `wisp doctor`). Later words
+    /// override earlier ones, e.g. --cmdline loglevel=7 undoes quiet.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+
+    /// Number of vCPUs (1 to the host's KVM limit, at most 254). The guest sees them
+    /// through an MP table, as one socket with that many cores.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = whole_number, allow_negative_numbers = true)]
+    cpus: u64,
+
+    /// Guest RAM in MiB (at least 16, at most the host's RAM). Memory is allocated
+    /// lazily: an idle guest costs only what it touches.
+    #[arg(long, value_name = "MiB", default_value_t = 128, value_parser = whole_number, allow_negative_numbers = true)]
+    memory: u64,
+
+    /// Where the serial console goes: `stdio` (this terminal or pipes), `file:PATH`
+    /// (output appended to PATH, no input), or `none`.
+    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio")]
+    console: ConsoleSpec,
+
+    /// Name of the VM, shown in logs. Letters, digits, '-', '_' and '.'.
+    /// Default: wisp-<pid>. Default MAC addresses are derived from it, so give a name
+    /// to keep them stable across runs.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// Add a virtio-blk disk backed by a raw image file (repeatable; the first is
+    /// /dev/vda, the next /dev/vdb, ...). `ro` makes it read-only (writes fail with an
+    /// I/O error in the guest); `id=NAME` sets the serial the guest reads
+    /// (/sys/block/vda/serial; default: the file name). The image is locked, so two VMs
+    /// cannot write the same image.
+    #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
+    disk: Vec<String>,
+
+    /// Add a virtio-net card (repeatable).
+    /// `user` is user-mode NAT through passt (no root needed): the guest gets
+    /// 10.0.2.15/24 by DHCP, gateway 10.0.2.2 (which reaches the host), DNS 10.0.2.3;
+    /// `hostfwd=PROTO:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT` (repeatable, QEMU
+    /// syntax, HOSTADDR defaults to 127.0.0.1) forwards a host port into the guest, e.g.
+    /// `user,hostfwd=tcp::2222-:22`; `net=ADDR/PREFIX`, `host=`, `dns=`, `guest=` change
+    /// the address plan. `tap=NAME` uses an existing TAP (create one with `ip tuntap add
+    /// NAME mode tap user $USER`). `bridge=BR` creates a TAP, attaches it to host bridge
+    /// BR and removes it on exit (needs CAP_NET_ADMIN; see scripts/net-bridge-up.sh).
+    /// `mac=` sets the guest's MAC (default: 52:54:00:... derived from --name and the
+    /// card's index).
+    #[arg(long, value_name = "user[,hostfwd=...]|tap=NAME|bridge=BR[,mac=MAC]")]
+    net: Vec<String>,
+
+    /// Control socket path (mode 0600), for `wisp status/pause/resume/stop` and the JSON
+    /// API (README, "Control socket"). Default: $XDG_RUNTIME_DIR/wisp/NAME.sock, else
+    /// /run/wisp/NAME.sock for root, else /tmp/wisp-$UID/NAME.sock.
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
+}
+
+/// Where the default guest lives: $WISP_GUEST_DIR, else target/guest next to the
+/// directory holding this binary (target/release/wisp -> target/guest).
+fn default_guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WISP_GUEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|t| t.join("guest")))
+        .unwrap_or_else(|| PathBuf::from("target/guest"))
+}
+
+fn resolve_kernel(args: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
+    if let Some(kernel) = &args.kernel {
+        return Ok((kernel.clone(), args.initrd.clone()));
+    }
+    let dir = default_guest_dir();
+    let kernel = dir.join("vmlinux");
+    if !kernel.is_file() {
+        bail!(
+            "no --kernel given and the default guest is not built ({} is missing): run scripts/build-guest.sh, or pass --kernel",
+            kernel.display()
+        );
+    }
+    // With root= the user boots from a disk: the default initramfs would take over.
+    let wants_root = args
+        .cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("root="));
+    let initrd = args
+        .initrd
+        .clone()
+        .or_else(|| Some(dir.join("initramfs.cpio.gz")).filter(|p| !wants_root && p.is_file()));
+    Ok((kernel, initrd))
+}
+
+fn check_readable(what: &str, path: &Path) -> Result<()> {
+    devices::host_file::open_regular(path)
+        .map(drop)
+        .with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
+    // Everything that can be checked is checked first, before anything is created.
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("wisp-{}", std::process::id()));
+    config::check_name(&name)?;
+    let (kernel, initrd) = resolve_kernel(&args)?;
+    check_readable("kernel", &kernel)?;
+    if let Some(i) = &initrd {
+        check_readable("initrd", i)?;
+    }
+    let kvm = open_checked_kvm()?;
+    let limits = host_limits(&kvm);
+    let disks = args
+        .disk
+        .iter()
+        .map(|d| config::parse_disk(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let nets = args
+        .net
+        .iter()
+        .map(|n| config::parse_net(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut config = VmConfig {
+        name,
+        kernel,
+        initrd,
+        cmdline: args.cmdline.clone(),
+        cpus: config::check_cpus(args.cpus, &limits)?,
+        memory_mib: config::check_memory(args.memory, &limits)?,
+        disks,
+        nets,
+    };
+    config.resolve_macs();
+    config.validate(&limits)?;
+
+    // Before any thread exists: INT/TERM/HUP must reach the event loop's signalfd, so
+    // wisp always stops the VM, reaps passt and restores the terminal.
+    vmm::signals::block().context("cannot block termination signals")?;
+    let api = bind_api(args.api.as_deref(), &config.name)?;
+    let speed = measure_kernel_mode(&kvm, RUN_PROBE_ITERATIONS)?;
+    if speed.emulated() {
+        log::info!(
+            "guest kernel mode is emulated on this host ({:.1} M instructions/s): adding an emulation-friendly kernel cmdline (see `wisp doctor`)",
+            speed.instructions_per_sec / 1e6
+        );
+    }
+    let (console, output) = open_console(&args.console)?;
+    let vm = Vm::build(
+        kvm,
+        &config,
+        BuildOptions {
+            emulated_kernel_mode: speed.emulated(),
+            start,
+            serial_output: output,
+        },
+    )?;
+    log::debug!(
+        "{}: {} vCPU(s), {} MiB, kernel {} ({:?})",
+        config.name,
+        config.cpus,
+        config.memory_mib,
+        config.kernel.display(),
+        vm.entry()
+    );
+    run_vm(vm, console, api, &config.name)
+}
