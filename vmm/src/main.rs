@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use cli::control::{self, Target};
+use cli::migrate::MigrateArgs;
+use cli::receive::ReceiveArgs;
 use cli::restore::RestoreArgs;
 use cli::run::RunArgs;
 use cli::snapshot::SnapshotArgs;
@@ -52,6 +54,10 @@ enum Command {
     Snapshot(SnapshotArgs),
     /// Start a VM from a snapshot directory, where it was when the snapshot was taken.
     Restore(RestoreArgs),
+    /// Move a running VM to another wisp (`wisp receive`) while it keeps running.
+    Migrate(MigrateArgs),
+    /// Wait for one incoming migration (`wisp migrate`), then run the VM.
+    Receive(ReceiveArgs),
 }
 
 /// A command-line error from clap as wisp's one line: clap's message with its listed
@@ -104,23 +110,6 @@ fn init_logging() {
         .init();
 }
 
-/// The error and its causes on one line, skipping causes whose text the previous message
-/// already includes.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out.replace('\n', " ")
-}
-
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = match Cli::try_parse() {
@@ -150,11 +139,13 @@ fn main() -> ExitCode {
         Command::Stop(t) => control::control(&t, vmm::api::Request::Stop),
         Command::Snapshot(args) => cli::snapshot::snapshot(args),
         Command::Restore(args) => cli::restore::restore(args, start),
+        Command::Migrate(args) => cli::migrate::migrate(args),
+        Command::Receive(args) => cli::receive::receive(args, start),
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("wisp: error: {}", one_line(&e));
+            eprintln!("wisp: error: {}", cli::one_line(&e));
             ExitCode::from(1)
         }
     }

@@ -112,6 +112,11 @@ impl Vm {
 }
 
 impl Prepared {
+    /// The configuration it was made for.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
     /// The guest memory the state's RAM goes into.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem

@@ -95,6 +95,9 @@ pub enum VmError {
     Restore(#[from] crate::restore::RestoreError),
 }
 
+/// Called once a VM's vCPUs run; false stops it (see [`Vm::run_then`]).
+pub type StartedHook = Box<dyn FnOnce() -> bool>;
+
 /// How to build the VM beyond its machine configuration.
 pub struct BuildOptions {
     /// Whether guest kernel mode is emulated on this host (adds the friendly cmdline).
@@ -371,6 +374,18 @@ impl Vm {
     /// Runs the VM until the guest stops, crashes, or the user, a signal or the control
     /// socket `api` ends it.
     pub fn run(self, input: Option<Input>, api: Option<ApiServer>) -> Result<Outcome, VmError> {
+        self.run_then(input, api, None)
+    }
+
+    /// [`Vm::run`], calling `started` once every vCPU thread runs (a migration's
+    /// destination tells its source then); if it returns false, the VM stops at once
+    /// with [`Outcome::HandOverFailed`].
+    pub fn run_then(
+        self,
+        input: Option<Input>,
+        api: Option<ApiServer>,
+        started: Option<StartedHook>,
+    ) -> Result<Outcome, VmError> {
         let Vm {
             vcpus,
             machine,
@@ -402,6 +417,15 @@ impl Vm {
                 Err(e) => {
                     spawn_error = Some(e);
                     break;
+                }
+            }
+        }
+        if spawn_error.is_none() {
+            if let Some(hook) = started {
+                if !hook() {
+                    latch.set(Outcome::HandOverFailed(
+                        "the source did not get word that the VM runs here".into(),
+                    ));
                 }
             }
         }

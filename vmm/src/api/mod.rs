@@ -349,6 +349,63 @@ fn call_within(name_or_path: &str, req: &Request, timeout: Duration) -> Result<R
     }
 }
 
+/// How long a migration client waits for the next event.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Client side: starts the migration `req` ([`Request::Migrate`]) on the VM at
+/// `name_or_path` and follows it: `on_event` sees every progress event; the result is
+/// the final summary, or the VM's reason for the failure.
+pub fn migrate(
+    name_or_path: &str,
+    req: &Request,
+    mut on_event: impl FnMut(&crate::migration::Progress),
+) -> Result<crate::migration::Summary, ApiError> {
+    let path = resolve(name_or_path);
+    let io_err = |source| ApiError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut stream = connect(name_or_path, &path)?;
+    stream
+        .set_read_timeout(Some(EVENT_TIMEOUT))
+        .map_err(io_err)?;
+    let mut line = serde_json::to_string(req).map_err(|e| io_err(io::Error::other(e)))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io_err)?;
+    let timed_out = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ApiError::Timeout {
+            name: name_or_path.to_string(),
+            path: path.clone(),
+            timeout: EVENT_TIMEOUT,
+        },
+        _ => io_err(e),
+    };
+    let mut lines = BufReader::new(stream);
+    let mut first = String::new();
+    lines.read_line(&mut first).map_err(timed_out)?;
+    let answer: Response = serde_json::from_str(first.trim())
+        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    if let Some(e) = answer.error.filter(|_| !answer.ok) {
+        return Err(ApiError::Refused(e));
+    }
+    loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line).map_err(timed_out)? == 0 {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the VM closed the connection before the migration ended",
+            )));
+        }
+        let event: MigrationEvent = serde_json::from_str(line.trim())
+            .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+        match event {
+            MigrationEvent::Progress { progress } => on_event(&progress),
+            MigrationEvent::Done { summary } => return Ok(summary),
+            MigrationEvent::Failed { error } => return Err(ApiError::Refused(error)),
+        }
+    }
+}
+
 /// What `wisp ls` found in [`socket_dir`].
 #[derive(Debug, Default)]
 pub struct Listing {

@@ -1,6 +1,8 @@
 //! The subcommands of the `wisp` binary, one file each, and what they share.
 
 pub mod control;
+pub mod migrate;
+pub mod receive;
 pub mod restore;
 pub mod run;
 pub mod snapshot;
@@ -14,7 +16,7 @@ use vmm::config::{self, HostLimits};
 use vmm::console::{Console, ConsoleSpec};
 use vmm::host;
 use vmm::outcome::Outcome;
-use vmm::vm::Vm;
+use vmm::vm::{StartedHook, Vm};
 
 /// Set while the terminal is raw, so log lines end in "\r\n".
 pub static RAW_TERMINAL: AtomicBool = AtomicBool::new(false);
@@ -46,15 +48,22 @@ pub fn open_console(spec: &ConsoleSpec) -> Result<(Console, SerialOutput)> {
 }
 
 /// Runs a built or restored VM on `console` until it ends; returns wisp's exit status.
-pub fn run_vm(vm: Vm, mut console: Console, api: vmm::api::ApiServer, name: &str) -> Result<u8> {
+/// `started` runs once the vCPUs do (see [`Vm::run_then`]).
+pub fn run_vm(
+    vm: Vm,
+    mut console: Console,
+    api: vmm::api::ApiServer,
+    name: &str,
+    started: Option<StartedHook>,
+) -> Result<u8> {
     RAW_TERMINAL.store(console.is_raw(), Ordering::Relaxed);
     log::debug!("control socket {}", api.path().display());
-    let outcome = vm.run(console.input.take(), Some(api));
+    let outcome = vm.run_then(console.input.take(), Some(api), started);
     drop(console);
     RAW_TERMINAL.store(false, Ordering::Relaxed);
     let outcome = outcome?;
     match &outcome {
-        Outcome::Crash(_) => bail!("{}", outcome.describe()),
+        Outcome::Crash(_) | Outcome::HandOverFailed(_) => bail!("{}", outcome.describe()),
         o => log::info!("{name}: {}", o.describe()),
     }
     Ok(u8::try_from(outcome.exit_code()).unwrap_or(1))
@@ -78,4 +87,21 @@ pub fn host_limits(kvm: &kvm_ioctls::Kvm) -> HostLimits {
         max_vcpus: kvm.get_max_vcpus() as u64,
         ram_mib: config::host_ram_mib().unwrap_or(u64::MAX),
     }
+}
+
+/// The error and its causes on one line, skipping causes whose text the previous message
+/// already includes.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.replace('\n', " ")
 }

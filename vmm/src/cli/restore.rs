@@ -82,5 +82,5 @@ pub fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
         args.dir.display(),
         start.elapsed().as_secs_f64() * 1e3
     );
-    run_vm(vm, console, api, &name)
+    run_vm(vm, console, api, &name, None)
 }

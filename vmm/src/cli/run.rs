@@ -222,5 +222,5 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
         config.kernel.display(),
         vm.entry()
     );
-    run_vm(vm, console, api, &config.name)
+    run_vm(vm, console, api, &config.name, None)
 }
