@@ -152,6 +152,19 @@ impl Blk {
         self.submit();
         self.complete()
     }
+
+    /// One synchronous request with `len` bytes of data at guest address `addr`
+    /// (device-writable if `write`).
+    pub fn request_at(
+        &mut self,
+        typ: u32,
+        sector: u64,
+        addr: u64,
+        len: u32,
+        write: bool,
+    ) -> Result<u8, WaitError> {
+        self.request(typ, sector, Some(Data { addr, len, write }))
+    }
 }
 
 /// Word `j` of sector `s` in the pattern of `blk-write:_:_:SEED`.

@@ -7,7 +7,7 @@
 use crate::blk::{self, Bad};
 use crate::bootinfo::BootInfo;
 use crate::serial::Escaped;
-use crate::{blkseq, counter, io, net, netproto, status, tsc, virtio};
+use crate::{blkhold, blkseq, counter, io, net, netproto, status, tsc, virtio};
 
 const PARAM: &[u8] = b"probe.cmd=";
 const DEFAULT_LIST: &[u8] = b"hello";
@@ -133,6 +133,15 @@ fn run_device(item: &[u8], name: &[u8], arg: Option<&[u8]>) -> bool {
             }
             _ => usage_error(item, "use blk-seq:SECTORS[:ROUNDS] with SECTORS 8..4096"),
         },
+        (b"blk-hold", Some(a)) => match parse_some_args(a, [blkhold::MAX_KIB, u64::MAX, 10_000]) {
+            Some([kib, rounds, gap]) if kib >= 1 && kib % 32 == 0 => {
+                blkhold::run(cmd, kib, rounds, if gap == 0 { 100 } else { gap })
+            }
+            _ => usage_error(
+                item,
+                "use blk-hold:KIB[:ROUNDS[:GAP_MS]] with KIB a multiple of 32 up to 1024",
+            ),
+        },
         (b"blk-bad", Some(kind)) => {
             let kind = match kind {
                 b"loop" => Bad::Loop,
@@ -183,6 +192,7 @@ fn run_device(item: &[u8], name: &[u8], arg: Option<&[u8]>) -> bool {
         (b"blk-write" | b"blk-verify", None) => usage_error(item, "needs SECTOR:COUNT:SEED"),
         (b"blk-bad", None) => usage_error(item, "needs a kind: loop, oob, zero or qsize"),
         (b"blk-seq", None) => usage_error(item, "needs SECTORS[:ROUNDS]"),
+        (b"blk-hold", None) => usage_error(item, "needs KIB[:ROUNDS[:GAP_MS]]"),
         (b"blk-dev", None) => usage_error(item, "needs an argument: blk-dev:N"),
         (b"net-echo" | b"net-recv", None) => usage_error(item, "needs a frame count"),
         (b"net-send", None) => usage_error(item, "needs N:LEN[:GAP_US]"),

@@ -12,6 +12,7 @@
 mod serial;
 
 mod blk;
+mod blkhold;
 mod blkseq;
 mod bootinfo;
 mod cmd;
