@@ -9,9 +9,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::workloads::{counter_progress as progress, wait_counter as wait_progress};
 use common::{
-    arg, complete_lines, probe, restore_refused as refused_with, stop_vm, wisp_cmd, wisp_cmd_in,
-    Session, TempDir,
+    arg, probe, restore_refused as refused_with, stop_vm, wisp_cmd, wisp_cmd_in, Session, TempDir,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -41,35 +41,6 @@ fn restore(dir: &TempDir, snap: &Path, name: &str) -> (Session, PathBuf) {
     let api = dir.0.join(format!("{name}.sock"));
     let session = Session::start(&["restore", arg(snap), "--name", name, "--api", arg(&api)]);
     (session, api)
-}
-
-/// (round, count) of every complete counter progress line in `text`.
-fn progress(text: &str) -> Vec<(u64, u64)> {
-    complete_lines(text)
-        .lines()
-        .filter_map(|l| {
-            let rest = l.split_once("probe: counter round=")?.1;
-            let (r, c) = rest.split_once(" count=")?;
-            Some((r.parse().ok()?, c.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// Waits until the session has printed `n` more progress lines after `from`.
-fn wait_progress(s: &mut Session, from: usize, n: usize) -> Vec<(u64, u64)> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let p = progress(s.seen.get(from..).unwrap_or_default());
-        if p.len() >= n {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no progress; output:\n{}",
-            s.seen
-        );
-        s.poll(Duration::from_millis(100));
-    }
 }
 
 fn stop(session: Session, api: &Path) {

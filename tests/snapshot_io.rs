@@ -12,70 +12,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::netns::{NetNs, PacketSocket};
-use common::{arg, complete_lines, probe, stop_vm, wisp_ok, Session, TempDir};
+use common::workloads::{blkseq_ks as ks, check_blkseq_disk, wait_blkseq as wait_ks};
+use common::{arg, probe, stop_vm, wisp_ok, Session, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SECTORS: u64 = 1000;
 
 fn snapshot_stop(api: &Path, to: &Path) {
     wisp_ok(&["snapshot", arg(api), "--to", arg(to), "--stop"]);
-}
-
-/// The `k=` of every complete blk-seq progress line.
-fn ks(text: &str) -> Vec<u64> {
-    complete_lines(text)
-        .lines()
-        .filter_map(|l| l.split_once("probe: blk-seq k=")?.1.split_once(' '))
-        .filter_map(|(k, _)| k.parse().ok())
-        .collect()
-}
-
-fn wait_ks(s: &mut Session, from: usize, n: usize) -> Vec<u64> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let k = ks(s.seen.get(from..).unwrap_or_default());
-        if k.len() >= n {
-            return k;
-        }
-        assert!(Instant::now() < deadline, "no progress:\n{}", s.seen);
-        s.poll(Duration::from_millis(100));
-    }
-}
-
-/// splitmix64, the probe's check word (guest/probe/README.md, blk-seq).
-fn splitmix64(k: u64) -> u64 {
-    let mut z = k.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Every sector of the ring holds one complete write meant for it; returns the writes'
-/// numbers.
-fn check_disk(image: &Path) -> Vec<u64> {
-    let bytes = std::fs::read(image).expect("read image");
-    (0..SECTORS)
-        .map(|sector| {
-            let at = (sector * 512) as usize;
-            let word = |i: usize| {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(&bytes[at + i * 8..at + i * 8 + 8]);
-                u64::from_le_bytes(w)
-            };
-            let k = word(0);
-            assert_eq!(k % SECTORS, sector, "sector {sector} holds write {k}");
-            let check = splitmix64(k);
-            assert_eq!(word(1), check, "sector {sector}: check word");
-            for i in 2..64 {
-                assert_eq!(
-                    word(i),
-                    check ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                    "sector {sector} word {i}"
-                );
-            }
-            k
-        })
-        .collect()
 }
 
 #[test]
@@ -132,7 +76,7 @@ fn block_writes_in_flight_survive_a_snapshot_exactly_once() {
     }
     stop_vm(b, &api_b, WAIT);
     // Every sector holds a complete write for it, all from the last ring's worth.
-    let written = check_disk(&copy);
+    let written = check_blkseq_disk(&copy, SECTORS);
     let (lo, hi) = (
         *written.iter().min().expect("sectors"),
         *written.iter().max().expect("sectors"),

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod linux_snapshot;
+pub mod workloads;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
