@@ -301,13 +301,13 @@ fn corrupt_truncated_mismatched_or_missing_snapshots_are_refused() {
         &dir,
         &snap,
         &["--disk", "/tmp/x.img"],
-        "the snapshot has 0 disk(s)",
+        "the saved VM has 0 disk(s)",
     );
     refused_with(
         &dir,
         &snap,
         &["--net", "tap=t0"],
-        "the snapshot has 0 network card(s)",
+        "the saved VM has 0 network card(s)",
     );
 
     // After all that, the snapshot itself is intact and restores.

@@ -208,7 +208,7 @@ impl VmConfig {
         if !disks.is_empty() {
             if disks.len() != self.disks.len() {
                 return bad(format!(
-                    "the snapshot has {} disk(s); give --disk once per disk, in order, or not at all",
+                    "the saved VM has {} disk(s); give --disk once per disk, in order, or not at all",
                     self.disks.len()
                 ));
             }
@@ -224,7 +224,7 @@ impl VmConfig {
         if !nets.is_empty() {
             if nets.len() != self.nets.len() {
                 return bad(format!(
-                    "the snapshot has {} network card(s); give --net once per card, in order, or not at all",
+                    "the saved VM has {} network card(s); give --net once per card, in order, or not at all",
                     self.nets.len()
                 ));
             }

@@ -18,7 +18,7 @@ use crate::{io, status, tsc};
 /// Largest KIB.
 pub const MAX_KIB: u64 = 1024;
 /// Regions read in turn.
-const REGIONS: u64 = 4;
+const REGIONS: u64 = 16;
 const WORDS_PER_SECTOR: usize = SECTOR / 4;
 
 static HOLD: Dma<[u8; MAX_KIB as usize * 1024]> = Dma::new([0; MAX_KIB as usize * 1024]);
@@ -66,6 +66,13 @@ fn check(first: u64, sectors: u64) -> Option<(u64, usize)> {
     None
 }
 
+fn verify(round: u64, first: u64, sectors: u64) {
+    if let Some((s, j)) = check(first, sectors) {
+        println!("probe: blk-hold mismatch round={round} sector={s} word={j}");
+        io::exit(status::CHECK_FAILED)
+    }
+}
+
 pub fn run(cmd: &str, kib: u64, rounds: u64, gap_ms: u64) {
     let mut b = Blk::open(cmd);
     let sectors = kib * 1024 / SECTOR as u64;
@@ -95,15 +102,15 @@ pub fn run(cmd: &str, kib: u64, rounds: u64, gap_ms: u64) {
         transfer(cmd, &mut b, first, sectors, true);
         let mut pace = tsc::Pace::start();
         loop {
-            if let Some((s, j)) = check(first, sectors) {
-                println!("probe: blk-hold mismatch round={r} sector={s} word={j}");
-                io::exit(status::CHECK_FAILED)
-            }
+            verify(r, first, sectors);
             if pace.due(gap) {
                 break;
             }
         }
         println!("probe: blk-hold round={r} ok");
+        // Once more after the (slow) output, so that no stretch of a round leaves the
+        // buffer unchecked before the next read replaces it.
+        verify(r, first, sectors);
         r += 1;
     }
     println!("probe: blk-hold done rounds={rounds}");

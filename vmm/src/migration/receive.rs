@@ -261,16 +261,17 @@ pub fn cpu_features(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<CpuFeatures
         .collect()
 }
 
-/// The features of `wanted` that `supported` (KVM_GET_SUPPORTED_CPUID) lacks.
-fn missing_features(wanted: &[CpuFeatures], supported: &CpuId) -> Vec<String> {
+/// The features of `wanted` that none of `offered` (CPUID tables this host gives a
+/// guest) has.
+fn missing_features(wanted: &[CpuFeatures], offered: &[&CpuId]) -> Vec<String> {
     wanted
         .iter()
         .filter_map(|w| {
-            let have = supported
-                .as_slice()
+            let have = offered
                 .iter()
-                .find(|e| e.function == w.leaf && e.index == w.subleaf)
-                .map_or(0, |e| register(e, w.reg));
+                .flat_map(|c| c.as_slice())
+                .filter(|e| e.function == w.leaf && e.index == w.subleaf)
+                .fold(0, |acc, e| acc | register(e, w.reg));
             let lacking = w.bits & !have;
             (lacking != 0).then(|| {
                 format!(
@@ -331,10 +332,24 @@ impl Incoming {
                 hello.memory, config.memory_mib
             )));
         }
+        let kvm_err =
+            |what: &str, e: kvm_ioctls::Error| ReceiveError::Offer(format!("{what} failed: {e}"));
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| ReceiveError::Offer(format!("KVM_GET_SUPPORTED_CPUID failed: {e}")))?;
-        let missing = missing_features(&hello.cpu, &supported);
+            .map_err(|e| kvm_err("KVM_GET_SUPPORTED_CPUID", e))?;
+        // What a vCPU given that table reports back: the same table on most hosts;
+        // where the host's KVM does not apply CPUID (guests see the host's own bits,
+        // and a saved vCPU state holds those), the host's bits.
+        let vm = kvm.create_vm().map_err(|e| kvm_err("KVM_CREATE_VM", e))?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| kvm_err("KVM_CREATE_VCPU", e))?;
+        vcpu.set_cpuid2(&supported)
+            .map_err(|e| kvm_err("KVM_SET_CPUID2", e))?;
+        let effective = vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| kvm_err("KVM_GET_CPUID2", e))?;
+        let missing = missing_features(&hello.cpu, &[&supported, &effective]);
         if !missing.is_empty() {
             return Err(ReceiveError::Offer(format!(
                 "this host's CPU (as KVM offers it) lacks features the guest uses: {}",
@@ -433,9 +448,9 @@ mod tests {
         // OSXSAVE and the hypervisor bit are left out.
         assert_eq!(wanted[0].bits, 0b1011);
         let same = CpuId::from_entries(&guest).unwrap();
-        assert!(missing_features(&wanted, &same).is_empty());
+        assert!(missing_features(&wanted, &[&same]).is_empty());
         let fewer = CpuId::from_entries(&[entry(1, 0, 0b0011, 0x10)]).unwrap();
-        let missing = missing_features(&wanted, &fewer);
+        let missing = missing_features(&wanted, &[&fewer]);
         assert_eq!(missing.len(), 2, "{missing:?}");
         assert!(
             missing[0].contains("leaf 0x1.0 ECX bits 0x8"),
