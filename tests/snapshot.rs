@@ -260,13 +260,13 @@ fn corrupt_truncated_mismatched_or_missing_snapshots_are_refused() {
     refused(&dir, &snap, "truncated");
     std::fs::write(&state, &original[..20]).expect("truncate");
     refused(&dir, &snap, "truncated");
-    let mut v2 = original.clone();
-    v2[8..12].copy_from_slice(&2u32.to_le_bytes());
-    std::fs::write(&state, &v2).expect("version");
+    let mut other = original.clone();
+    other[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&state, &other).expect("version");
     refused(
         &dir,
         &snap,
-        "snapshot format version 2, but this wisp reads only version 1",
+        "snapshot format version 1, but this wisp reads only version 2",
     );
     std::fs::write(&state, &original).expect("restore state");
 

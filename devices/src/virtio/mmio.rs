@@ -192,7 +192,10 @@ impl MmioTransport {
         };
         // The count only wakes us; a failed read means nothing was pending.
         let _ = evt.read();
-        if !self.running() {
+        // A queue the driver did not enable (a network card's control queue without
+        // VIRTIO_NET_F_CTRL_VQ) has nothing to process; DRIVER_OK and a restore signal
+        // every queue anyway.
+        if !self.running() || !self.queues.get(index).is_some_and(|q| q.ready()) {
             return;
         }
         let (dev, ctx) = self.ctx();

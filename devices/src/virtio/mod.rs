@@ -195,6 +195,10 @@ pub trait VirtioDevice: Send {
     fn claim_host(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+    /// The transport restored the device running (a snapshot's restore, a
+    /// migration): it may tell the driver (a network card asks the guest to announce
+    /// itself). Default: nothing.
+    fn restored(&mut self, _ctx: QueueContext) {}
     /// The device-specific state, for a snapshot.
     fn save(&self) -> DeviceState;
     /// Takes the device-specific state `state` (untrusted: validated against this

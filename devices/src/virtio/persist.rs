@@ -113,6 +113,9 @@ pub struct NetState {
     pub mac: MacAddr,
     /// Link status as the driver sees it.
     pub link_up: bool,
+    /// The guest was asked to announce itself and has not acknowledged yet.
+    #[serde(default)]
+    pub announce: bool,
     /// A frame (with its virtio-net header) already read from the backend but not yet
     /// delivered to the guest; empty if none.
     pub rx_pending: Vec<u8>,
@@ -378,6 +381,8 @@ impl MmioTransport {
             for evt in &self.queue_evts {
                 let _ = evt.write(1);
             }
+            let (dev, ctx) = self.ctx();
+            dev.restored(ctx);
         }
         if self.irq.status() != 0 {
             // Spurious interrupts are harmless; a lost one would hang the driver.

@@ -83,7 +83,7 @@ pub enum SnapshotError {
 }
 
 /// The body of the state file: the machine's state, and the memory file's layout and
-/// digest (the keys of both side by side, as in format version 1).
+/// digest (the keys of both side by side).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotState {
     /// vCPUs, VM, devices, configuration.

@@ -21,7 +21,9 @@ use thiserror::Error;
 /// The file's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"WISPSNAP";
 /// The format this wisp writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: network cards have a control queue (guest announce), so a card's state
+/// has three queues.
+pub const FORMAT_VERSION: u32 = 2;
 /// Header bytes before the body.
 pub const HEADER_LEN: usize = 32;
 /// Largest body accepted (a sanity bound against corrupt lengths).

@@ -14,6 +14,7 @@
 //! tries to reconnect, a few times per minute at most, and brings the link back up.
 
 pub mod backend;
+mod ctrl;
 mod rx;
 pub mod stream;
 pub mod tap;
@@ -24,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_ANNOUNCE,
     VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -42,6 +44,8 @@ use super::{
 
 /// VIRTIO_NET_F_MRG_RXBUF: a frame may span several RX chains.
 const F_MRG_RXBUF: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+/// VIRTIO_NET_F_GUEST_ANNOUNCE: the guest announces itself when asked (ctrl.rs).
+const F_GUEST_ANNOUNCE: u64 = 1 << VIRTIO_NET_F_GUEST_ANNOUNCE;
 const RX: usize = 0;
 const TX: usize = 1;
 /// Largest frame with its header: a 64 KiB GSO packet plus Ethernet and virtio headers.
@@ -109,6 +113,8 @@ pub struct Net {
     link_up: bool,
     reconnects: Vec<Instant>,
     acked: u64,
+    /// VIRTIO_NET_S_ANNOUNCE is set: the guest was asked to announce itself.
+    announce: bool,
     config: [u8; 8],
     rx_frame: Vec<u8>,
     rx_len: usize,
@@ -131,6 +137,7 @@ impl Net {
             link_up: true,
             reconnects: Vec::new(),
             acked: 0,
+            announce: false,
             config,
             rx_frame: vec![0; MAX_FRAME],
             rx_len: 0,
@@ -149,7 +156,18 @@ impl Net {
     /// Link status in the device and its configuration space (no interrupt).
     fn set_link_status(&mut self, up: bool) {
         self.link_up = up;
-        let status = if up { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
+        self.write_status();
+    }
+
+    /// The configuration space's status field from the link and announce state.
+    fn write_status(&mut self) {
+        let mut status = 0u16;
+        if self.link_up {
+            status |= VIRTIO_NET_S_LINK_UP as u16;
+        }
+        if self.announce {
+            status |= VIRTIO_NET_S_ANNOUNCE as u16;
+        }
         self.config[6..8].copy_from_slice(&status.to_le_bytes());
     }
 
@@ -305,7 +323,8 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_MAX_SIZE, QUEUE_MAX_SIZE]
+        // RX, TX, control.
+        &[QUEUE_MAX_SIZE, QUEUE_MAX_SIZE, 64]
     }
 
     fn features(&self) -> u64 {
@@ -313,7 +332,9 @@ impl VirtioDevice for Net {
             | F_VERSION_1
             | F_EVENT_IDX
             | (1 << VIRTIO_NET_F_MAC)
-            | (1 << VIRTIO_NET_F_STATUS);
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_CTRL_VQ)
+            | F_GUEST_ANNOUNCE;
         if !self.backend.supports_offloads() {
             return base;
         }
@@ -350,6 +371,8 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.acked = 0;
         self.tx_blocked = false;
+        self.announce = false;
+        self.write_status();
         if let Err(e) = self.backend.set_offloads(0) {
             log::warn!("{}: {e}", self.name);
         }
@@ -364,6 +387,7 @@ impl VirtioDevice for Net {
             acked_features: self.acked,
             mac: self.mac(),
             link_up: self.link_up,
+            announce: self.announce,
             rx_pending: self
                 .rx_frame
                 .get(..self.rx_len)
@@ -410,8 +434,19 @@ impl VirtioDevice for Net {
             self.rx_len = len;
         }
         self.acked = s.acked_features;
+        self.announce = s.announce;
         self.set_link_status(s.link_up);
         Ok(())
+    }
+
+    /// Running again somewhere else (a restore, a migration): a guest that supports it
+    /// is asked to announce itself, so the network learns where it is now.
+    fn restored(&mut self, mut ctx: QueueContext) {
+        if self.acked & F_GUEST_ANNOUNCE != 0 {
+            self.announce = true;
+            self.write_status();
+            ctx.config_changed();
+        }
     }
 
     fn backend_generation(&self) -> u64 {
@@ -422,6 +457,7 @@ impl VirtioDevice for Net {
         match index {
             RX => self.process_rx(&mut ctx),
             TX => self.process_tx(&mut ctx),
+            ctrl::CTRL => self.process_ctrl(&mut ctx),
             _ => Ok(()),
         }
     }

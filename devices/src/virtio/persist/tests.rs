@@ -275,6 +275,7 @@ fn bad_block_snapshots_are_refused_and_change_nothing() {
                     acked_features: s.driver_features,
                     mac: MacAddr([0; 6]),
                     link_up: true,
+                    announce: false,
                     rx_pending: Vec::new(),
                 })
             },
@@ -394,7 +395,15 @@ fn net_pending_rx_frame_is_delivered_after_restore() {
 
     let (mut t, _irq) = net_transport(&[], MAC, false, &m);
     t.restore(&back).unwrap();
-    assert_eq!(t.save(), saved);
+    // The same, asking the guest to announce: the status bit, a new configuration
+    // generation and the configuration interrupt.
+    let mut announced = saved.clone();
+    if let DeviceState::Net(n) = &mut announced.device {
+        n.announce = true;
+    }
+    announced.config_generation += 1;
+    announced.interrupt_status |= crate::virtio::INT_CONFIG;
+    assert_eq!(t.save(), announced);
     assert_eq!(t.queue_evts()[0].read().unwrap(), 1);
     assert_eq!(t.queue_evts()[1].read().unwrap(), 1);
     // The guest posts a buffer: the frame from before the snapshot arrives first.
@@ -428,7 +437,7 @@ fn net_link_status_is_restored_into_the_config_space() {
     assert_eq!(status, [1, 0], "link up before");
     t.restore(&saved).unwrap();
     t.read(0, 0x106, &mut status);
-    assert_eq!(status, [0, 0], "link down after");
+    assert_eq!(status[0] & 1, 0, "link down after");
     let mut mac = [0u8; 6];
     t.read(0, 0x100, &mut mac);
     assert_eq!(mac, MAC.0);
@@ -480,4 +489,51 @@ fn bad_net_snapshots_are_refused_and_change_nothing() {
         assert!(msg.contains(expect), "{what}: {msg}");
         assert_untouched(&mut t, &fresh, &irq);
     }
+}
+
+#[test]
+fn a_restored_net_card_asks_the_guest_to_announce_and_the_ack_clears_it() {
+    let m = mem();
+    let (mut t, _) = net_transport(&[], MAC, false, &m);
+    let features = t.device.features();
+    negotiate(&mut t, features);
+    setup_queue(&mut t, 0, 16, [0xa000, 0xb000, 0xc000], true);
+    setup_queue(&mut t, 1, 16, TX_RINGS, true);
+    setup_queue(&mut t, 2, 16, [DESC, AVAIL, USED], true);
+    driver_ok(&mut t);
+    let saved = t.save();
+
+    let (mut t, irq) = net_transport(&[], MAC, false, &m);
+    let mut status = [0u8; 2];
+    t.read(0, 0x106, &mut status);
+    assert_eq!(status, [1, 0], "link up, nothing to announce");
+    t.restore(&saved).unwrap();
+    t.read(0, 0x106, &mut status);
+    assert_eq!(status, [3, 0], "link up and announce");
+    assert!(irq.read().is_ok(), "configuration interrupt");
+    assert_ne!(rd(&mut t, 0x60) & crate::virtio::INT_CONFIG, 0);
+
+    // The guest acknowledges (class 3, command 0), then sends something unknown.
+    let send = |t: &mut MmioTransport, head: u16, class: u8, cmd: u8| {
+        let hdr = HDR + u64::from(head) * 16;
+        m.write_slice(&[class, cmd], GuestAddress(hdr)).unwrap();
+        put_desc(&m, head, hdr, 2, NEXT, head + 1);
+        put_desc(&m, head + 1, STATUS + u64::from(head), 1, WRITE, 0);
+        // Chains 0 and 2 in that order: the avail ring grows by one each time.
+        let heads: &[u16] = if head == 0 { &[0] } else { &[0, 2] };
+        publish(&m, heads);
+        t.queue_event(2);
+        m.read_obj::<u8>(GuestAddress(STATUS + u64::from(head)))
+            .unwrap()
+    };
+    m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    assert_eq!(send(&mut t, 0, 3, 0), 0, "VIRTIO_NET_OK");
+    t.read(0, 0x106, &mut status);
+    assert_eq!(status, [1, 0], "announce cleared");
+    assert_eq!(
+        send(&mut t, 2, 1, 0),
+        1,
+        "VIRTIO_NET_ERR for a command not offered"
+    );
+    assert_eq!(used_idx(&m), 2);
 }
