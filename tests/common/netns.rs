@@ -65,10 +65,7 @@ impl NetNs {
     /// Moves the calling thread into the namespace: sockets it opens and processes it
     /// spawns from now on live there. (Test threads are not reused across tests.)
     pub fn enter(&self) {
-        let f = File::open(format!("/run/netns/{}", self.name)).expect("open netns");
-        // SAFETY: setns on a valid namespace fd; affects only the calling thread.
-        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", io::Error::last_os_error());
+        enter(&self.name);
     }
 
     /// Gives the namespace a routable uplink: a veth pair with an address and a default
@@ -87,6 +84,15 @@ impl NetNs {
         self.ip(&["tuntap", "add", name, "mode", "tap"]);
         self.ip(&["link", "set", name, "txqueuelen", "10000", "up"]);
     }
+}
+
+/// Moves the calling thread into network namespace `name` (see [`NetNs::enter`]),
+/// which someone else owns.
+pub fn enter(name: &str) {
+    let f = File::open(format!("/run/netns/{name}")).expect("open netns");
+    // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns: {}", io::Error::last_os_error());
 }
 
 impl Drop for NetNs {
@@ -183,6 +189,12 @@ impl PacketSocket {
     /// Receives the next incoming frame (not one this host sent) with ethertype
     /// [`ETHERTYPE`], or None after `timeout` without one.
     pub fn recv_test_frame(&self, timeout: Duration) -> Option<Vec<u8>> {
+        self.recv_frame(timeout, |f| u16::from_be_bytes([f[12], f[13]]) == ETHERTYPE)
+    }
+
+    /// Receives the next incoming frame (not one this host sent) that `wanted`
+    /// accepts, or None after `timeout` without one.
+    pub fn recv_frame(&self, timeout: Duration, wanted: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
         let deadline = std::time::Instant::now() + timeout;
         let mut buf = vec![0u8; 65536];
         loop {
@@ -232,7 +244,7 @@ impl PacketSocket {
             if sll.sll_pkttype == PACKET_OUTGOING || frame.len() < 14 {
                 continue;
             }
-            if u16::from_be_bytes([frame[12], frame[13]]) == ETHERTYPE {
+            if wanted(frame) {
                 return Some(frame.to_vec());
             }
         }
