@@ -322,11 +322,11 @@ fn a_destination_that_dies_or_hangs_up_leaves_the_source_running() {
         let (api, addr) = (a_api.clone(), addr.clone());
         std::thread::spawn(move || migrate(&api, &addr, &SLOW))
     };
-    // While it copies, status says so.
+    // While it copies, status says so, with the progress.
     let deadline = Instant::now() + WAIT;
     loop {
         let (_, out, _) = wisp_cmd(&["status", arg(&a_api)]);
-        if out.contains("migrating") {
+        if out.contains("migrating") && out.contains("MB sent") {
             break;
         }
         assert!(Instant::now() < deadline, "never migrating: {out}");
@@ -502,4 +502,36 @@ fn receive_refuses_garbage_and_leaves_nothing() {
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(!api.exists() && !path.exists(), "{want}: left a socket");
     }
+}
+
+#[test]
+fn a_user_mode_card_gets_a_new_passt_on_the_destination() {
+    let dir = TempDir::new("mig-user");
+    let ns = NetNs::new("miguser");
+    ns.enter();
+    ns.uplink();
+    // The counter for a while, then DHCP through whatever passt the card has by then.
+    let (mut a, a_api) = start(
+        &dir,
+        "user-a",
+        "counter:4:150:20,net-dhcp",
+        &["--net", "user"],
+    );
+    wait_counter(&mut a, 0, 2);
+    let source_passt = common::children_named(a.pid(), "passt");
+    assert_eq!(source_passt.len(), 1, "one passt for the source");
+    let addr = format!("unix:{}", arg(&dir.0.join("u.mig")));
+    let (mut b, b_api) = receive(&dir, &addr, "user-b", &[]);
+    handed_over(migrate(&a_api, &addr, &[]), a);
+    assert!(
+        !common::process_named(source_passt[0], "passt"),
+        "the source's passt is gone"
+    );
+    assert_eq!(common::children_named(b.pid(), "passt").len(), 1);
+    b.expect_from(0, "probe: net-dhcp ack=10.0.2.15", WAIT);
+    assert!(!b.seen.contains("corrupt"), "{}", b.seen);
+    // The probe is done: it exits, and so does the destination, with its passt.
+    let (status, stderr) = b.wait(WAIT);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(!b_api.exists());
 }

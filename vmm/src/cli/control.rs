@@ -50,6 +50,9 @@ fn print_status(list: &[vmm::api::Status]) {
             format!("{}:{:02}:{:02}", up / 3600, up / 60 % 60, up % 60),
             s.pid
         );
+        if let Some(p) = &s.migration {
+            println!("  {}", super::migrate::bar(p));
+        }
     }
 }
 

@@ -84,7 +84,8 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
 
-fn bar(p: &Progress) -> String {
+/// One line of where a migration is.
+pub fn bar(p: &Progress) -> String {
     format!(
         "{}: round {}, {:.1} MB sent, {:.1} MB dirty, {:.1} MB/s, est. downtime {:.0} ms",
         p.phase,
