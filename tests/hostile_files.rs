@@ -94,21 +94,8 @@ fn api_paths_that_are_not_stale_sockets_are_refused_and_kept() {
 /// A snapshot of the probe's counter under `name`, taken with --stop, with wisp's
 /// runtime directory at `runtime`.
 fn counter_snapshot(dir: &TempDir, runtime: &Path, name: &str) -> PathBuf {
-    let api = dir.0.join(format!("{name}.sock"));
-    let mut s = Session::start_env(
-        &[
-            "run",
-            "--name",
-            name,
-            "--api",
-            arg(&api),
-            "--kernel",
-            arg(&probe()),
-            "--cmdline",
-            "probe.cmd=counter:4",
-        ],
-        &[("XDG_RUNTIME_DIR", arg(runtime))],
-    );
+    let env = [("XDG_RUNTIME_DIR", arg(runtime))];
+    let (mut s, api) = common::start_probe(dir, name, "counter:4", &[], &env);
     s.expect_from(0, "count=", WAIT);
     let snap = dir.0.join(format!("{name}.snap"));
     let out = wisp_in(

@@ -13,9 +13,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::netns::{NetNs, PacketSocket};
+use common::netns::{assert_exactly_once, collect_seqs, drain_seqs, NetNs, PacketSocket};
 use common::workloads::{
-    blkseq_ks, check_blkseq_disk, counter_progress, wait_blkseq, wait_counter,
+    assert_blkseq_ring, blkseq_continues, counter_progress, wait_blkseq, wait_counter,
 };
 use common::{arg, probe, stop_vm, wisp_cmd, Session, TempDir};
 use vmm::migration::protocol::{self, Hello, Kind};
@@ -24,22 +24,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// Starts the probe under `name` with `cmds`, its control socket at DIR/NAME.sock.
 fn start(dir: &TempDir, name: &str, cmds: &str, extra: &[&str]) -> (Session, PathBuf) {
-    let api = dir.0.join(format!("{name}.sock"));
-    let cmdline = format!("probe.cmd={cmds}");
-    let kernel = probe();
-    let mut args = vec![
-        "run",
-        "--name",
-        name,
-        "--api",
-        arg(&api),
-        "--kernel",
-        arg(&kernel),
-        "--cmdline",
-        &cmdline,
-    ];
-    args.extend_from_slice(extra);
-    (Session::start(&args), api)
+    common::start_probe(dir, name, cmds, extra, &[])
 }
 
 /// `wisp receive ADDR --name NAME --api DIR/NAME.sock EXTRA`, once it listens.
@@ -163,21 +148,9 @@ fn block_writes_in_flight_move_over_tcp_exactly_once() {
     // source has released it.
     let (mut b, b_api) = receive(&dir, "tcp:127.0.0.1:4444", "blk-b", &[]);
     handed_over(migrate(&a_api, "tcp:127.0.0.1:4444", &[]), a);
-    let after = wait_blkseq(&mut b, 0, 3);
-    let last = *before.last().expect("progress");
-    assert!(after[0] >= last, "k went back: {} after {last}", after[0]);
-    let deadline = Instant::now() + WAIT;
-    while blkseq_ks(&b.seen).last().copied().unwrap_or(0) < after[0] + 4 * SECTORS {
-        assert!(Instant::now() < deadline, "stalled:\n{}", b.seen);
-        b.poll(Duration::from_millis(100));
-    }
+    let since = blkseq_continues(&mut b, &before, SECTORS);
     stop_vm(b, &b_api, WAIT);
-    let written = check_blkseq_disk(&image, SECTORS);
-    let (lo, hi) = (
-        *written.iter().min().expect("sectors"),
-        *written.iter().max().expect("sectors"),
-    );
-    assert!(hi - lo < SECTORS + 8, "stale sectors: writes {lo}..={hi}");
+    assert_blkseq_ring(&image, SECTORS, since);
 }
 
 #[test]
@@ -220,40 +193,16 @@ fn frames_in_flight_move_to_the_destinations_tap_exactly_once() {
     let old = PacketSocket::open("mg0");
     let new = PacketSocket::open("mg1");
     let (a, a_api) = start(&dir, "net-a", "net-send:0:64:200", &["--net", "tap=mg0"]);
-    let seq_of = |f: &[u8]| u32::from_le_bytes([f[14], f[15], f[16], f[17]]);
     let mut seqs = Vec::new();
-    while seqs.len() < 300 {
-        let f = old
-            .recv_test_frame(WAIT)
-            .unwrap_or_else(|| panic!("no frames; output:\n{}", a.seen));
-        seqs.push(seq_of(&f));
-    }
+    collect_seqs(&old, &mut seqs, 300, || a.seen.clone());
     let addr = format!("unix:{}", arg(&dir.0.join("net.mig")));
     let (b, b_api) = receive(&dir, &addr, "net-b", &["--net", "tap=mg1"]);
     handed_over(migrate(&a_api, &addr, &[]), a);
-    while let Some(f) = old.recv_test_frame(Duration::from_millis(500)) {
-        seqs.push(seq_of(&f));
-    }
+    drain_seqs(&old, &mut seqs);
     let at_switch = seqs.len();
-    while seqs.len() < at_switch + 300 {
-        let f = new
-            .recv_test_frame(WAIT)
-            .unwrap_or_else(|| panic!("no frames after the move; output:\n{}", b.seen));
-        seqs.push(seq_of(&f));
-    }
+    collect_seqs(&new, &mut seqs, at_switch + 300, || b.seen.clone());
     stop_vm(b, &b_api, WAIT);
-    let expected: Vec<u32> = (0..seqs.len() as u32).collect();
-    if seqs != expected {
-        let bad = seqs
-            .iter()
-            .zip(&expected)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
-        panic!(
-            "frames lost or repeated around index {bad} (switch at {at_switch}): {:?}",
-            &seqs[bad.saturating_sub(3)..(bad + 5).min(seqs.len())]
-        );
-    }
+    assert_exactly_once(&seqs, at_switch);
 }
 
 #[test]

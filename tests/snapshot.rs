@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::workloads::{counter_progress as progress, wait_counter as wait_progress};
 use common::{
-    arg, probe, restore_refused as refused_with, stop_vm, wisp_cmd, wisp_cmd_in, Session, TempDir,
+    arg, restore_refused as refused_with, stop_vm, wisp_cmd, wisp_cmd_in, Session, TempDir,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -20,20 +20,7 @@ const AREA_MIB: u64 = 16;
 
 /// Starts the counter workload under `name` with its control socket in `dir`.
 fn start_counter(dir: &TempDir, name: &str) -> (Session, PathBuf) {
-    let api = dir.0.join(format!("{name}.sock"));
-    let cmdline = format!("probe.cmd=counter:{AREA_MIB}");
-    let session = Session::start(&[
-        "run",
-        "--name",
-        name,
-        "--api",
-        arg(&api),
-        "--kernel",
-        arg(&probe()),
-        "--cmdline",
-        &cmdline,
-    ]);
-    (session, api)
+    common::start_probe(dir, name, &format!("counter:{AREA_MIB}"), &[], &[])
 }
 
 /// Restores `snap` under `name`.

@@ -9,10 +9,10 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::netns::{NetNs, PacketSocket};
-use common::workloads::{blkseq_ks as ks, check_blkseq_disk, wait_blkseq as wait_ks};
+use common::netns::{assert_exactly_once, collect_seqs, drain_seqs, NetNs, PacketSocket};
+use common::workloads::{assert_blkseq_ring, blkseq_continues, wait_blkseq as wait_ks};
 use common::{arg, probe, stop_vm, wisp_ok, Session, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -61,31 +61,9 @@ fn block_writes_in_flight_survive_a_snapshot_exactly_once() {
         "--disk",
         arg(&copy),
     ]);
-    let after = wait_ks(&mut b, 0, 3);
-    let last_before = *before.last().expect("progress");
-    assert!(
-        after[0] >= last_before,
-        "k went backwards: {} after {last_before}",
-        after[0]
-    );
-    // Well past a full ring of writes after the restore.
-    let deadline = Instant::now() + WAIT;
-    while ks(&b.seen).last().copied().unwrap_or(0) < after[0] + 4 * SECTORS {
-        assert!(Instant::now() < deadline, "stalled:\n{}", b.seen);
-        b.poll(Duration::from_millis(100));
-    }
+    let since = blkseq_continues(&mut b, &before, SECTORS);
     stop_vm(b, &api_b, WAIT);
-    // Every sector holds a complete write for it, all from the last ring's worth.
-    let written = check_blkseq_disk(&copy, SECTORS);
-    let (lo, hi) = (
-        *written.iter().min().expect("sectors"),
-        *written.iter().max().expect("sectors"),
-    );
-    assert!(hi - lo < SECTORS + 8, "stale sectors: writes {lo}..={hi}");
-    assert!(
-        lo > after[0],
-        "the ring was not rewritten after the restore"
-    );
+    assert_blkseq_ring(&copy, SECTORS, since);
 }
 
 #[test]
@@ -113,21 +91,13 @@ fn frames_in_flight_survive_a_snapshot_exactly_once_onto_a_new_tap() {
         "probe.cmd=net-send:0:64:200",
     ]);
     let mut seqs = Vec::new();
-    let seq_of = |f: &[u8]| u32::from_le_bytes([f[14], f[15], f[16], f[17]]);
-    while seqs.len() < 300 {
-        let f = old
-            .recv_test_frame(WAIT)
-            .unwrap_or_else(|| panic!("no frames; output:\n{}", a.seen));
-        seqs.push(seq_of(&f));
-    }
+    collect_seqs(&old, &mut seqs, 300, || a.seen.clone());
     let snap = dir.0.join("net.snap");
     snapshot_stop(&api, &snap);
     let (status, stderr) = a.wait(WAIT);
     assert_eq!(status, Some(0), "{stderr}");
     // What the old TAP still holds.
-    while let Some(f) = old.recv_test_frame(Duration::from_millis(500)) {
-        seqs.push(seq_of(&f));
-    }
+    drain_seqs(&old, &mut seqs);
     let at_snapshot = seqs.len();
 
     let api_b = dir.0.join("b.sock");
@@ -141,24 +111,7 @@ fn frames_in_flight_survive_a_snapshot_exactly_once_onto_a_new_tap() {
         "--net",
         "tap=sn1",
     ]);
-    while seqs.len() < at_snapshot + 300 {
-        let f = new
-            .recv_test_frame(WAIT)
-            .unwrap_or_else(|| panic!("no frames after the restore; output:\n{}", b.seen));
-        seqs.push(seq_of(&f));
-    }
+    collect_seqs(&new, &mut seqs, at_snapshot + 300, || b.seen.clone());
     stop_vm(b, &api_b, WAIT);
-    let expected: Vec<u32> = (seqs[0]..seqs[0] + seqs.len() as u32).collect();
-    assert_eq!(seqs[0], 0, "the stream starts at 0");
-    if seqs != expected {
-        let bad = seqs
-            .iter()
-            .zip(&expected)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
-        panic!(
-            "frames lost or repeated around index {bad} (snapshot at {at_snapshot}): {:?}",
-            &seqs[bad.saturating_sub(3)..(bad + 5).min(seqs.len())]
-        );
-    }
+    assert_exactly_once(&seqs, at_snapshot);
 }

@@ -21,22 +21,10 @@ use std::time::Duration;
 
 use common::{console_stream, guest_file, noise, Session};
 
-fn option(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let kib = option(&args, "--kib", 1024) as usize;
-    let rounds = option(&args, "--rounds", 3);
-    let timeout = Duration::from_secs(option(&args, "--timeout-s", 900));
+    let kib = common::option_arg("--kib", 1024) as usize;
+    let rounds = common::option_arg("--rounds", 3);
+    let timeout = Duration::from_secs(common::option_arg("--timeout-s", 900));
     let _ = guest_file("vmlinux");
     println!("console input: {rounds} rounds of {kib} KiB through `head -c N | md5sum` in the default guest");
     let mut s = Session::start(&["run", "--cpus", "2", "--memory", "256"]);

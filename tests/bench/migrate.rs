@@ -266,13 +266,7 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let runs: usize = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let runs = common::option_arg("--runs", 3) as usize;
     let dir = TempDir::new("bench-migrate");
     let mut live: Vec<Samples> = GUESTS.iter().map(|_| Samples::default()).collect();
     let mut hand: Vec<Samples> = GUESTS.iter().map(|_| Samples::default()).collect();

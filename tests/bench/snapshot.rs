@@ -165,13 +165,7 @@ fn round(dir: &TempDir, mib: u64, run: usize, s: &mut Samples) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let runs: usize = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs = common::option_arg("--runs", 5) as usize;
     let dir = TempDir::new("bench-snapshot");
     let mut samples: Vec<Samples> = SIZES_MIB.iter().map(|_| Samples::default()).collect();
     for run in 0..runs {

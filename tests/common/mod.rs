@@ -116,6 +116,19 @@ pub fn wisp_ok(args: &[&str]) -> String {
     out
 }
 
+/// A benchmark's option: the number after `name` on its command line, or `default`.
+pub fn option_arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a whole number, not {v:?}"))
+        })
+        .unwrap_or(default)
+}
+
 /// A path as the `&str` wisp's arguments take.
 pub fn arg(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -140,6 +153,33 @@ pub fn wisp_run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
     let mut cmd = Command::new(wisp());
     cmd.args(args);
     run_cmd(cmd, stdin, timeout)
+}
+
+/// Starts the probe as a VM named `name` with `probe.cmd=CMDS`, its control socket at
+/// DIR/NAME.sock, with `extra` wisp arguments and `env` variables.
+pub fn start_probe(
+    dir: &TempDir,
+    name: &str,
+    cmds: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Session, PathBuf) {
+    let api = dir.0.join(format!("{name}.sock"));
+    let cmdline = format!("probe.cmd={cmds}");
+    let kernel = probe();
+    let mut args = vec![
+        "run",
+        "--name",
+        name,
+        "--api",
+        arg(&api),
+        "--kernel",
+        arg(&kernel),
+        "--cmdline",
+        &cmdline,
+    ];
+    args.extend_from_slice(extra);
+    (Session::start_env(&args, env), api)
 }
 
 /// Runs the probe with `probe.cmd=CMDS` and extra wisp args.

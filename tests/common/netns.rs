@@ -267,6 +267,51 @@ pub fn test_frame(dst: [u8; 6], src: [u8; 6], seq: u32, len: usize) -> Vec<u8> {
     f
 }
 
+/// The sequence number of a `net-send` test frame.
+pub fn seq_of(frame: &[u8]) -> u32 {
+    u32::from_le_bytes([frame[14], frame[15], frame[16], frame[17]])
+}
+
+/// Receives `net-send` frames on `sock` until `seqs` holds `n` sequence numbers; a
+/// minute without one fails the test with `context()`.
+pub fn collect_seqs(
+    sock: &PacketSocket,
+    seqs: &mut Vec<u32>,
+    n: usize,
+    context: impl Fn() -> String,
+) {
+    while seqs.len() < n {
+        let f = sock
+            .recv_test_frame(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("no frames: {}", context()));
+        seqs.push(seq_of(&f));
+    }
+}
+
+/// Takes in the `net-send` frames `sock` still holds (until 500 ms pass without one).
+pub fn drain_seqs(sock: &PacketSocket, seqs: &mut Vec<u32>) {
+    while let Some(f) = sock.recv_test_frame(Duration::from_millis(500)) {
+        seqs.push(seq_of(&f));
+    }
+}
+
+/// Asserts that `seqs` is 0, 1, 2, ...: no frame lost or repeated around a move
+/// (snapshot, migration) after index `moved_at`.
+pub fn assert_exactly_once(seqs: &[u32], moved_at: usize) {
+    let expected: Vec<u32> = (0..seqs.len() as u32).collect();
+    if seqs != expected {
+        let bad = seqs
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        panic!(
+            "frames lost or repeated around index {bad} (moved at {moved_at}): {:?}",
+            &seqs[bad.saturating_sub(3)..(bad + 5).min(seqs.len())]
+        );
+    }
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> [u8; 6] {
     let v: Vec<u8> = s

@@ -55,6 +55,33 @@ fn wait_lines<T>(s: &mut Session, from: usize, n: usize, parse: fn(&str) -> Vec<
     }
 }
 
+/// After a move (restore, migration) of a blk-seq guest whose last progress before was
+/// `before`: the new session `s` continues from there (k does not go back) and writes
+/// well past four rings of `sectors`. Returns its first k.
+pub fn blkseq_continues(s: &mut Session, before: &[u64], sectors: u64) -> u64 {
+    let after = wait_blkseq(s, 0, 3);
+    let last = *before.last().expect("progress before the move");
+    assert!(after[0] >= last, "k went back: {} after {last}", after[0]);
+    let deadline = Instant::now() + WAIT;
+    while blkseq_ks(&s.seen).last().copied().unwrap_or(0) < after[0] + 4 * sectors {
+        assert!(Instant::now() < deadline, "stalled:\n{}", s.seen);
+        s.poll(Duration::from_millis(100));
+    }
+    after[0]
+}
+
+/// Every sector of the ring in `image` holds a complete write for it, all from the
+/// last ring's worth, and all written after write `since`.
+pub fn assert_blkseq_ring(image: &Path, sectors: u64, since: u64) {
+    let written = check_blkseq_disk(image, sectors);
+    let (lo, hi) = (
+        *written.iter().min().expect("sectors"),
+        *written.iter().max().expect("sectors"),
+    );
+    assert!(hi - lo < sectors + 8, "stale sectors: writes {lo}..={hi}");
+    assert!(lo > since, "the ring was not rewritten after the move");
+}
+
 /// splitmix64, the probe's check word (guest/probe/README.md, blk-seq).
 fn splitmix64(k: u64) -> u64 {
     let mut z = k.wrapping_add(0x9e37_79b9_7f4a_7c15);

@@ -18,6 +18,29 @@ use vmm::host;
 use vmm::outcome::Outcome;
 use vmm::vm::{StartedHook, Vm};
 
+/// What `wisp restore` and `wisp receive` take besides where the VM comes from: the
+/// options that change a saved VM's configuration, and where it runs.
+#[derive(clap::Args)]
+pub struct SavedVmArgs {
+    /// Name of the VM here (default: the saved one's). Two VMs cannot share a name.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// A new image path for each disk, in order (paths only; the guest keeps the disks'
+    /// options).
+    #[arg(long, value_name = "PATH")]
+    pub disk: Vec<String>,
+    /// A new backend for each network card, in order, as for `wisp run --net` (the MAC
+    /// stays the one the guest knows). E.g. a new TAP, since the old one may be taken.
+    #[arg(long, value_name = "user[,hostfwd=...]|tap=NAME|bridge=BR")]
+    pub net: Vec<String>,
+    /// Where the serial console goes, as for `wisp run`.
+    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio")]
+    pub console: ConsoleSpec,
+    /// Control socket path, as for `wisp run`.
+    #[arg(long, value_name = "PATH")]
+    pub api: Option<std::path::PathBuf>,
+}
+
 /// Set while the terminal is raw, so log lines end in "\r\n".
 pub static RAW_TERMINAL: AtomicBool = AtomicBool::new(false);
 

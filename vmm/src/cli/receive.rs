@@ -1,11 +1,9 @@
 //! `wisp receive`: wait for one incoming migration (`wisp migrate`), then run the VM.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use vmm::console::ConsoleSpec;
 use vmm::device_manager::DiskLocks;
 use vmm::migration::receive::{Incoming, Listener};
 use vmm::migration::Address;
@@ -13,7 +11,7 @@ use vmm::restore::RestoreOptions;
 use vmm::signals::SignalFd;
 use vmm::vm::Vm;
 
-use super::{bind_api, host_limits, one_line, open_checked_kvm, open_console, run_vm};
+use super::{bind_api, host_limits, one_line, open_checked_kvm, open_console, run_vm, SavedVmArgs};
 
 #[derive(Args)]
 #[command(after_long_help = "\
@@ -41,21 +39,8 @@ pub struct ReceiveArgs {
     /// Where to listen: tcp:PORT, tcp:HOST:PORT or unix:PATH.
     #[arg(value_name = "ADDR")]
     addr: Address,
-    /// Name of the VM here (default: the source's).
-    #[arg(long, value_name = "NAME")]
-    name: Option<String>,
-    /// A new image path for each disk, in order (shared storage).
-    #[arg(long, value_name = "PATH")]
-    disk: Vec<String>,
-    /// A new backend for each network card, in order, as for `wisp run --net`.
-    #[arg(long, value_name = "user[,hostfwd=...]|tap=NAME|bridge=BR")]
-    net: Vec<String>,
-    /// Where the serial console goes, as for `wisp run`.
-    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio")]
-    console: ConsoleSpec,
-    /// Control socket path, as for `wisp run`.
-    #[arg(long, value_name = "PATH")]
-    api: Option<PathBuf>,
+    #[command(flatten)]
+    vm: SavedVmArgs,
 }
 
 pub fn receive(args: ReceiveArgs, start: Instant) -> Result<u8> {
@@ -77,13 +62,13 @@ pub fn receive(args: ReceiveArgs, start: Instant) -> Result<u8> {
     // Everything that can refuse the offer, before ACCEPT.
     let prepared = (|| -> Result<_> {
         let mut config = hello.config.clone();
-        config.apply_restore_options(args.name.as_deref(), &args.disk, &args.net)?;
+        config.apply_restore_options(args.vm.name.as_deref(), &args.vm.disk, &args.vm.net)?;
         config
             .validate(&limits)
             .context("the VM cannot run on this host")?;
         Incoming::check_offer(&hello, &config, &kvm)?;
-        let api = bind_api(args.api.as_deref(), &config.name)?;
-        let (console, output) = open_console(&args.console)?;
+        let api = bind_api(args.vm.api.as_deref(), &config.name)?;
+        let (console, output) = open_console(&args.vm.console)?;
         let mem = vmm::memory::create(config.memory_mib << 20)?;
         let prepared = Vm::prepare(
             kvm,

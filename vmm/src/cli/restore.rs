@@ -5,11 +5,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use vmm::console::ConsoleSpec;
 use vmm::restore::RestoreOptions;
 use vmm::vm::Vm;
 
-use super::{bind_api, host_limits, open_checked_kvm, open_console, run_vm};
+use super::{bind_api, host_limits, open_checked_kvm, open_console, run_vm, SavedVmArgs};
 
 #[derive(Args)]
 #[command(after_long_help = "\
@@ -30,23 +29,8 @@ EXAMPLES:
 pub struct RestoreArgs {
     /// The snapshot directory (written by `wisp snapshot`).
     dir: PathBuf,
-    /// Name of the restored VM (default: the snapshot's). Two VMs cannot share a name.
-    #[arg(long, value_name = "NAME")]
-    name: Option<String>,
-    /// A new image path for each disk, in order (paths only; the guest keeps the disks'
-    /// options).
-    #[arg(long, value_name = "PATH")]
-    disk: Vec<String>,
-    /// A new backend for each network card, in order, as for `wisp run --net` (the MAC
-    /// stays the one the guest knows). E.g. a new TAP, since the old one may be taken.
-    #[arg(long, value_name = "user[,hostfwd=...]|tap=NAME|bridge=BR")]
-    net: Vec<String>,
-    /// Where the serial console goes, as for `wisp run`.
-    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio")]
-    console: ConsoleSpec,
-    /// Control socket path, as for `wisp run`.
-    #[arg(long, value_name = "PATH")]
-    api: Option<PathBuf>,
+    #[command(flatten)]
+    vm: SavedVmArgs,
 }
 
 pub fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
@@ -55,7 +39,7 @@ pub fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
     // memory file.
     let mut state = vmm::snapshot::read_state(&args.dir)?;
     let config = &mut state.machine.config;
-    config.apply_restore_options(args.name.as_deref(), &args.disk, &args.net)?;
+    config.apply_restore_options(args.vm.name.as_deref(), &args.vm.disk, &args.vm.net)?;
     let kvm = open_checked_kvm()?;
     config.validate(&host_limits(&kvm)).with_context(|| {
         format!(
@@ -66,8 +50,8 @@ pub fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
     let name = config.name.clone();
     let (state, mem) = vmm::snapshot::open_memory(&args.dir, state)?.into_parts()?;
     vmm::signals::block().context("cannot block termination signals")?;
-    let api = bind_api(args.api.as_deref(), &name)?;
-    let (console, output) = open_console(&args.console)?;
+    let api = bind_api(args.vm.api.as_deref(), &name)?;
+    let (console, output) = open_console(&args.vm.console)?;
     let vm = Vm::restore(
         kvm,
         state,
