@@ -63,8 +63,10 @@ impl Migration {
 
 impl Drop for Migration {
     fn drop(&mut self) {
-        // The VM ends while the job runs (power-off, stop): the job gives up.
+        // The VM ends while the job runs (power-off, stop): the job gives up, also if it
+        // waits for the answer to a switch-over that will not come.
         self.stop_job();
+        let _ = self.replies.send(Err("the VM is stopping".into()));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -203,10 +203,11 @@ mod tests {
             let e = decode::<S>(&good[..cut]).unwrap_err();
             assert!(matches!(e, FormatError::Truncated { .. }), "{cut}: {e}");
         }
-        let mut v2 = good.clone();
-        v2[8] = 2;
-        let e = decode::<S>(&v2).unwrap_err();
-        assert!(e.to_string().contains("version 2"), "{e}");
+        let mut other = good.clone();
+        other[8] = (FORMAT_VERSION + 1) as u8;
+        let e = decode::<S>(&other).unwrap_err();
+        let want = format!("version {}", FORMAT_VERSION + 1);
+        assert!(e.to_string().contains(&want), "{e}");
         let mut long = good.clone();
         long.push(0);
         assert!(matches!(
