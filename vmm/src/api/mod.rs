@@ -185,10 +185,6 @@ impl Request {
         match self {
             // Writing guest memory takes time on slow disks.
             Request::Snapshot { .. } => Duration::from_secs(600),
-            // The answer comes at once; events follow as the migration goes.
-            Request::Migrate { timeout_s, .. } => {
-                Duration::from_secs(timeout_s.saturating_add(120))
-            }
             _ => Duration::from_secs(30),
         }
     }
