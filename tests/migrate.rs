@@ -1,7 +1,8 @@
 //! Live migration with the probe guest, between two wisp processes on this host:
-//! memory that keeps changing (the counter verifies every page each round), block
-//! writes and network frames in flight, memory only a device writes (blk-hold, which a
-//! migration ignoring the device bitmap fails), over a unix socket and over TCP.
+//! memory that keeps changing (the counter verifies every page each round) over a unix
+//! socket; the same with block writes and network frames in flight all the while, over
+//! TCP; memory only a device writes (blk-hold, which a migration ignoring the device
+//! bitmap fails); a user-mode card.
 //! Then what must not lose the VM: no convergence (abort, stop-copy), a destination
 //! killed or closing mid-transfer, a refused offer, cancel and Ctrl-C; and a
 //! `wisp receive` fed garbage.
@@ -135,22 +136,46 @@ fn changing_memory_moves_over_a_unix_socket_and_is_verified_there() {
 }
 
 #[test]
-fn block_writes_in_flight_move_over_tcp_exactly_once() {
+fn memory_disk_and_network_move_together_over_tcp_exactly_once() {
+    // The probe's `mix`: counter pages rewritten and verified, blk-seq batches in
+    // flight and numbered frames, interleaved, all the time.
     const SECTORS: u64 = 1000;
-    let dir = TempDir::new("mig-blk");
-    let ns = NetNs::new("migblk");
+    let dir = TempDir::new("mig-mix");
+    let ns = NetNs::new("migmix");
     ns.enter();
+    ns.tap("mx0");
+    ns.tap("mx1");
+    let old = PacketSocket::open("mx0");
+    let new = PacketSocket::open("mx1");
     let image = dir.file("disk.img", &vec![0u8; 1 << 20]);
-    let cmds = format!("blk-seq:{SECTORS}");
-    let (mut a, a_api) = start(&dir, "blk-a", &cmds, &["--disk", arg(&image)]);
+    let cmds = format!("mix:16:{SECTORS}:100");
+    let (mut a, a_api) = start(
+        &dir,
+        "mix-a",
+        &cmds,
+        &["--disk", arg(&image), "--net", "tap=mx0"],
+    );
+    let mut seqs = Vec::new();
+    collect_seqs(&old, &mut seqs, 500, || a.seen.clone());
     let before = wait_blkseq(&mut a, 0, 2);
     // Shared storage: the destination opens the same image, locking it only when the
-    // source has released it.
-    let (mut b, b_api) = receive(&dir, "tcp:127.0.0.1:4444", "blk-b", &[]);
+    // source has released it; the card moves to the destination's TAP.
+    let (mut b, b_api) = receive(&dir, "tcp:127.0.0.1:4444", "mix-b", &["--net", "tap=mx1"]);
     handed_over(migrate(&a_api, "tcp:127.0.0.1:4444", &[]), a);
+    drain_seqs(&old, &mut seqs);
+    let at_switch = seqs.len();
     let since = blkseq_continues(&mut b, &before, SECTORS);
+    collect_seqs(&new, &mut seqs, at_switch + 500, || b.seen.clone());
+    let mark = b.seen.len();
+    wait_counter(&mut b, mark, 2);
+    assert!(
+        !b.seen.contains("corrupt") && !b.seen.contains("mismatch"),
+        "{}",
+        b.seen
+    );
     stop_vm(b, &b_api, WAIT);
     assert_blkseq_ring(&image, SECTORS, since);
+    assert_exactly_once(&seqs, at_switch);
 }
 
 #[test]
@@ -181,28 +206,6 @@ fn memory_written_only_by_a_device_moves_too() {
         source = (next, next_api);
     }
     stop_vm(source.0, &source.1, WAIT);
-}
-
-#[test]
-fn frames_in_flight_move_to_the_destinations_tap_exactly_once() {
-    let dir = TempDir::new("mig-net");
-    let ns = NetNs::new("mignet");
-    ns.enter();
-    ns.tap("mg0");
-    ns.tap("mg1");
-    let old = PacketSocket::open("mg0");
-    let new = PacketSocket::open("mg1");
-    let (a, a_api) = start(&dir, "net-a", "net-send:0:64:200", &["--net", "tap=mg0"]);
-    let mut seqs = Vec::new();
-    collect_seqs(&old, &mut seqs, 300, || a.seen.clone());
-    let addr = format!("unix:{}", arg(&dir.0.join("net.mig")));
-    let (b, b_api) = receive(&dir, &addr, "net-b", &["--net", "tap=mg1"]);
-    handed_over(migrate(&a_api, &addr, &[]), a);
-    drain_seqs(&old, &mut seqs);
-    let at_switch = seqs.len();
-    collect_seqs(&new, &mut seqs, at_switch + 300, || b.seen.clone());
-    stop_vm(b, &b_api, WAIT);
-    assert_exactly_once(&seqs, at_switch);
 }
 
 #[test]

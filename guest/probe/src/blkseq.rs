@@ -75,7 +75,7 @@ fn hdr(c: usize) -> *mut Hdr {
 }
 
 /// The write loop's state.
-struct Seq<'a> {
+pub struct Seq<'a> {
     cmd: &'a str,
     b: Blk,
     /// Writes per batch.
@@ -185,50 +185,69 @@ impl Seq<'_> {
     }
 }
 
-/// Runs `blk-seq`: `rounds` batches, or forever if `rounds` is 0.
-pub fn run(cmd: &str, sectors: u64, rounds: u64) {
-    let b = Blk::open(cmd);
-    let capacity = b.dev.config_u64(0);
-    if capacity < sectors {
-        println!("probe: blk-seq needs {sectors} sectors, capacity={capacity}");
-        io::exit(status::USAGE)
+impl<'a> Seq<'a> {
+    /// Opens the block device for a ring of `sectors`, printing the start line.
+    pub fn open(cmd: &'a str, sectors: u64) -> Seq<'a> {
+        let b = Blk::open(cmd);
+        let capacity = b.dev.config_u64(0);
+        if capacity < sectors {
+            println!("probe: blk-seq needs {sectors} sectors, capacity={capacity}");
+            io::exit(status::USAGE)
+        }
+        let size = usize::from(b.q.size);
+        let batch = (size / 3).saturating_sub(1).min(BATCH);
+        if batch == 0 {
+            println!("probe: {cmd} init failed: queue size {size} too small");
+            io::exit(status::DEVICE_ERROR)
+        }
+        println!("probe: blk-seq sectors={sectors} batch={batch}");
+        Seq {
+            cmd,
+            b,
+            batch,
+            pending: [false; CHAINS],
+        }
     }
-    let size = usize::from(b.q.size);
-    let batch = (size / 3).saturating_sub(1).min(BATCH);
-    if batch == 0 {
-        println!("probe: {cmd} init failed: queue size {size} too small");
-        io::exit(status::DEVICE_ERROR)
-    }
-    println!("probe: blk-seq sectors={sectors} batch={batch}");
-    let mut s = Seq {
-        cmd,
-        b,
-        batch,
-        pending: [false; CHAINS],
-    };
-    let (hz, _) = tsc::frequency();
-    let gap = tsc::ticks_ms(hz, MIN_GAP_MS);
-    let mut pace = tsc::Pace::start();
-    let bsz = batch as u64;
-    // Writes done (the next k) and batches done.
-    let mut k: u64 = 0;
-    let mut n: u64 = 0;
-    loop {
-        s.write_batch(k, sectors);
-        k += bsz;
-        n += 1;
+
+    /// Batch number `n` (1, 2, ...) of a ring of `sectors`: its writes, from write
+    /// `k`, then the read-back check; returns the next k.
+    pub fn batch(&mut self, k: u64, n: u64, sectors: u64) -> u64 {
+        let bsz = self.batch as u64;
+        self.write_batch(k, sectors);
+        let k = k + bsz;
         // The previous batch's last write (first batch: its own).
         let w = if n == 1 { k - 1 } else { k - bsz - 1 };
         let sector = w % sectors;
         // The latest write to that sector: the largest j < k, j = w mod S.
         let want = k - 1 - (k - 1 - sector) % sectors;
-        s.check(sector, want);
+        self.check(sector, want);
+        k
+    }
+}
+
+/// The progress line of `blk-seq` (and `mix`).
+pub fn progress(k: u64, n: u64) {
+    println!("probe: blk-seq k={k} batches={n}");
+}
+
+/// Runs `blk-seq`: `rounds` batches, or forever if `rounds` is 0.
+pub fn run(cmd: &str, sectors: u64, rounds: u64) {
+    let mut s = Seq::open(cmd, sectors);
+    let (hz, _) = tsc::frequency();
+    let gap = tsc::ticks_ms(hz, MIN_GAP_MS);
+    let mut pace = tsc::Pace::start();
+    // Writes done (the next k) and batches done.
+    let mut k: u64 = 0;
+    let mut n: u64 = 0;
+    loop {
+        n += 1;
+        k = s.batch(k, n, sectors);
         if n == rounds {
             println!("probe: blk-seq done k={k}");
             return;
         }
         if pace.due(gap) {
-            println!("probe: blk-seq k={k} batches={n}");
+            progress(k, n);
         }
     }
 }

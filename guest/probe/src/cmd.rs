@@ -7,7 +7,7 @@
 use crate::blk::{self, Bad};
 use crate::bootinfo::BootInfo;
 use crate::serial::Escaped;
-use crate::{blkhold, blkseq, counter, io, net, netproto, status, tsc, virtio};
+use crate::{blkhold, blkseq, counter, io, mix, net, netproto, status, tsc, virtio};
 
 const PARAM: &[u8] = b"probe.cmd=";
 const DEFAULT_LIST: &[u8] = b"hello";
@@ -68,6 +68,18 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
             Some(n) if n > 0 => readin(n),
             _ => usage_error(item, "byte count must be 1..16777216"),
         },
+        (b"mix", Some(a)) => {
+            match parse_some_args(a, [counter::MAX_MIB, blkseq::MAX_SECTORS, 10_000]) {
+                Some([mib, sectors, gap]) if mib >= 1 && sectors >= blkseq::MIN_SECTORS => {
+                    mix::run("mix", boot, mib, sectors, if gap == 0 { 200 } else { gap })
+                }
+                _ => usage_error(
+                    item,
+                    "use mix:MIB:SECTORS[:GAP_MS] with MIB 1..1024, SECTORS 8..4096",
+                ),
+            }
+        }
+        (b"mix", None) => usage_error(item, "needs MIB:SECTORS[:GAP_MS]"),
         (b"counter", arg) => match parse_counter(arg) {
             Some((mib, rounds, gap)) => counter::run(boot, mib, rounds, gap),
             None => usage_error(

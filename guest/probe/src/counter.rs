@@ -56,13 +56,8 @@ extern "C" {
 /// pacing gaps. Exits with [`status::USAGE`] if the area does not fit,
 /// [`status::CHECK_FAILED`] on a verification failure.
 pub fn run(boot: &BootInfo, mib: u64, rounds: u64, gap_ms: Option<u64>) {
-    let bytes = mib << 20;
-    let Some(start) = find_area(boot, bytes) else {
-        println!("probe: counter needs {mib} MiB");
-        io::exit(status::USAGE)
-    };
-    println!("probe: counter area={start:#x} mib={mib}");
-    let pages = bytes / PAGE;
+    let start = area(boot, mib);
+    let pages = (mib << 20) / PAGE;
     let (hz, _) = tsc::frequency();
     let (min_ms, max_ms) = gap_ms.map_or((MIN_GAP_MS, MAX_GAP_MS), |g| (g, g));
     let mut pace = Pace {
@@ -104,6 +99,69 @@ pub fn run(boot: &BootInfo, mib: u64, rounds: u64, gap_ms: Option<u64>) {
         }
         pace.line_if(pace.min_gap, r);
         r += 1;
+    }
+}
+
+/// Finds an area of `mib` MiB (or ends the run) and prints its start line.
+fn area(boot: &BootInfo, mib: u64) -> u64 {
+    let Some(start) = find_area(boot, mib << 20) else {
+        println!("probe: counter needs {mib} MiB");
+        io::exit(status::USAGE)
+    };
+    println!("probe: counter area={start:#x} mib={mib}");
+    start
+}
+
+/// The counter's rounds taken a few pages at a time, for `mix`: round 0 writes every
+/// page, round r verifies round r-1's content and writes its own.
+pub struct Stepper {
+    start: u64,
+    pages: u64,
+    round: u64,
+    page: u64,
+}
+
+impl Stepper {
+    /// An area of `mib` MiB, round 0 about to start.
+    pub fn new(boot: &BootInfo, mib: u64) -> Stepper {
+        Stepper {
+            start: area(boot, mib),
+            pages: (mib << 20) / PAGE,
+            round: 0,
+            page: 0,
+        }
+    }
+
+    /// Processes the next `n` pages; ends the run on a verification failure.
+    pub fn step(&mut self, n: u64) {
+        for _ in 0..n {
+            let (r, p) = (self.round, self.page);
+            let page = page_ptr(self.start, p);
+            if r > 0 {
+                // SAFETY: p < pages: the page lies in the area, which is RAM inside
+                // the identity map that nothing else uses.
+                if let Err((i, got, want)) = unsafe { verify(page, r - 1, p) } {
+                    println!(
+                        "probe: counter corrupt round={r} page={p} word={i} got={got:#x} want={want:#x}"
+                    );
+                    io::exit(status::CHECK_FAILED)
+                }
+            }
+            // SAFETY: as above.
+            unsafe { fill(page, r, p) };
+            COUNT.fetch_add(1, Ordering::Relaxed);
+            self.page += 1;
+            if self.page == self.pages {
+                self.page = 0;
+                self.round += 1;
+            }
+        }
+    }
+
+    /// Prints the counter's progress line.
+    pub fn progress(&self) {
+        let c = COUNT.load(Ordering::Relaxed);
+        println!("probe: counter round={} count={c}", self.round);
     }
 }
 

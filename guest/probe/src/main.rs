@@ -21,6 +21,7 @@ mod cpu;
 mod entry;
 mod io;
 mod mem;
+mod mix;
 mod net;
 mod netproto;
 mod tsc;

@@ -207,6 +207,28 @@ impl<'a> Net<'a> {
         self.kick();
     }
 
+    /// A free TX buffer holding `net-send` frame `seq` of `len` bytes (not submitted).
+    fn test_frame(&mut self, seq: u32, len: usize) -> u16 {
+        let id = self.tx_alloc();
+        // SAFETY: tx_alloc returned a free buffer: the driver owns it.
+        let f = unsafe { &mut buf(TX_BUFS.ptr(), id)[HDR..HDR + len] };
+        f[..6].fill(0xff);
+        f[6..12].copy_from_slice(&self.mac);
+        f[12..14].copy_from_slice(&ETHERTYPE);
+        f[14..18].copy_from_slice(&seq.to_le_bytes());
+        for (i, b) in f[ETH_HDR..].iter_mut().enumerate().skip(4) {
+            *b = seq.wrapping_add(i as u32) as u8;
+        }
+        id
+    }
+
+    /// Sends `net-send` frame `seq` of `len` bytes, notified at once.
+    pub fn send_test_frame(&mut self, seq: u32, len: usize) {
+        let id = self.test_frame(seq, len);
+        self.tx_submit(id, len);
+        self.kick();
+    }
+
     /// Returns one used TX buffer to the free list, waiting if `block`.
     /// False if none was ready (`block` false).
     fn tx_reclaim(&mut self, block: bool) -> bool {
@@ -316,16 +338,7 @@ pub fn send(cmd: &str, n: u32, len: usize, gap_us: u64) {
     let mut last = 0;
     let mut seq: u32 = 0;
     while n == 0 || seq < n {
-        let id = net.tx_alloc();
-        // SAFETY: tx_alloc returned a free buffer: the driver owns it.
-        let f = unsafe { &mut buf(TX_BUFS.ptr(), id)[HDR..HDR + len] };
-        f[..6].fill(0xff);
-        f[6..12].copy_from_slice(&net.mac);
-        f[12..14].copy_from_slice(&ETHERTYPE);
-        f[14..18].copy_from_slice(&seq.to_le_bytes());
-        for (i, b) in f[ETH_HDR..].iter_mut().enumerate().skip(4) {
-            *b = seq.wrapping_add(i as u32) as u8;
-        }
+        let id = net.test_frame(seq, len);
         if gap > 0 {
             // A TSC that went backwards (a restore) ends the wait at once.
             while seq > 0 && tsc::now().wrapping_sub(last) < gap {
