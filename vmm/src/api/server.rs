@@ -259,6 +259,12 @@ impl Drop for ApiServer {
 /// The means to answer one request.
 pub struct Reply(UnixStream);
 
+impl AsRawFd for Reply {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 impl Reply {
     /// Writes `r` as one line (best effort: the client may be gone or not reading).
     pub fn send(mut self, r: &Response) {

@@ -10,6 +10,7 @@
 //! then resumes, stops, or stays paused if the VM was paused before. A failed snapshot
 //! leaves the VM as it was.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Instant;
 
@@ -78,6 +79,14 @@ impl EventLoop {
         let Some((reply, req)) = self.api.as_mut().and_then(|a| a.clients.read(slot)) else {
             return;
         };
+        // The connection now only carries answers (a migration's events, for a while):
+        // it is no longer watched, or a client that hangs up would wake the loop for
+        // good.
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            reply.as_raw_fd(),
+            EpollEvent::default(),
+        );
         let mut snapshot = None;
         let result = match req {
             Request::Status => Ok(()),
