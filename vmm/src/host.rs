@@ -2,6 +2,7 @@
 //! runs in hardware or is emulated instruction by instruction (nested, software-assisted
 //! KVM), with a tiny timing guest.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -108,6 +109,71 @@ fn probe_err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Host
     move |e| HostError::Probe(what, e.to_string())
 }
 
+/// The file in wisp's runtime directory that keeps the measured speed for one host boot.
+const SPEED_CACHE: &str = "kernel-mode-speed";
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// The speed of guest kernel mode for `wisp run`: measured once per host boot and kept
+/// in `cache_dir` (wisp's runtime directory) under the boot's id, so later runs start
+/// without the timing guest; measured afresh when the cache is missing, from another
+/// boot or unreadable (`wisp doctor` always measures). The flag says whether the
+/// figure came from the cache.
+pub fn kernel_mode_speed(
+    kvm: &Kvm,
+    iterations: u32,
+    cache_dir: Option<&Path>,
+) -> Result<(KernelModeSpeed, bool), HostError> {
+    let boot_id = std::fs::read_to_string(BOOT_ID)
+        .ok()
+        .map(|s| s.trim().to_string());
+    let cache = cache_dir.map(|d| d.join(SPEED_CACHE));
+    if let (Some(path), Some(id)) = (&cache, &boot_id) {
+        if let Some(speed) = read_cached_speed(path, id) {
+            return Ok((speed, true));
+        }
+    }
+    let speed = measure_kernel_mode(kvm, iterations)?;
+    if let (Some(path), Some(id)) = (&cache, &boot_id) {
+        if let Err(e) = write_cached_speed(path, id, &speed) {
+            log::debug!(
+                "cannot keep the kernel-mode speed in {}: {e}",
+                path.display()
+            );
+        }
+    }
+    Ok((speed, false))
+}
+
+/// The speed cached for boot `id`, if the file holds one.
+fn read_cached_speed(path: &Path, id: &str) -> Option<KernelModeSpeed> {
+    let file = devices::host_file::open_regular(path).ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, 256), &mut text).ok()?;
+    let (cached_id, ips) = text.trim().split_once(' ')?;
+    let ips: f64 = ips.parse().ok()?;
+    (cached_id == id && ips.is_finite() && ips > 0.0).then_some(KernelModeSpeed {
+        instructions_per_sec: ips,
+        elapsed: Duration::ZERO,
+    })
+}
+
+/// Writes the cache whole (a new file renamed into place, mode 0600).
+fn write_cached_speed(path: &Path, id: &str, speed: &KernelModeSpeed) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    writeln!(f, "{id} {}", speed.instructions_per_sec)?;
+    drop(f);
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 /// Runs `iterations` loop iterations (2 instructions each) in 64-bit guest kernel mode
 /// and times them between two port-I/O exits.
 pub fn measure_kernel_mode(kvm: &Kvm, iterations: u32) -> Result<KernelModeSpeed, HostError> {
@@ -160,6 +226,31 @@ pub fn measure_kernel_mode(kvm: &Kvm, iterations: u32) -> Result<KernelModeSpeed
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_speed_is_cached_per_boot_and_only_read_back_for_that_boot() {
+        let dir = std::env::temp_dir().join(format!("wisp-speed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(SPEED_CACHE);
+        let speed = KernelModeSpeed {
+            instructions_per_sec: 1.25e6,
+            elapsed: Duration::from_millis(30),
+        };
+        write_cached_speed(&path, "boot-a", &speed).unwrap();
+        let back = read_cached_speed(&path, "boot-a").unwrap();
+        assert_eq!(back.instructions_per_sec, 1.25e6);
+        assert!(back.emulated());
+        assert!(read_cached_speed(&path, "boot-b").is_none(), "another boot");
+        // Rewritten whole for a new boot; garbage is ignored.
+        write_cached_speed(&path, "boot-b", &speed).unwrap();
+        assert!(read_cached_speed(&path, "boot-a").is_none());
+        for bad in ["", "boot-b", "boot-b x", "boot-b -1", "boot-b NaN"] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(read_cached_speed(&path, "boot-b").is_none(), "{bad:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn timing_code_shape() {

@@ -270,6 +270,14 @@ fn current_uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
+/// wisp's runtime directory ([`socket_dir`]), created private if missing; refused if
+/// it belongs to someone else or others may write to it.
+pub fn runtime_dir() -> Result<PathBuf, ApiError> {
+    let dir = socket_dir();
+    server::runtime_dir(&dir)?;
+    Ok(dir)
+}
+
 /// The default control socket of VM `name` (a name [`crate::config::check_name`]
 /// accepted: no '/', so it stays inside [`socket_dir`]).
 pub fn socket_path(name: &str) -> PathBuf {

@@ -128,7 +128,7 @@ fn remove_dirs(dirs: &[PathBuf]) {
 
 /// Makes sure wisp's runtime directory exists, is this user's, and is not open to
 /// others (they could replace sockets in it).
-fn runtime_dir(dir: &Path) -> Result<(), ApiError> {
+pub(super) fn runtime_dir(dir: &Path) -> Result<(), ApiError> {
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use vmm::config::{self, VmConfig};
 use vmm::console::ConsoleSpec;
-use vmm::host::measure_kernel_mode;
+use vmm::host::kernel_mode_speed;
 use vmm::vm::{BuildOptions, Vm};
 
 use super::{bind_api, host_limits, open_checked_kvm, open_console, run_vm, whole_number};
@@ -197,7 +197,10 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
     // wisp always stops the VM, reaps passt and restores the terminal.
     vmm::signals::block().context("cannot block termination signals")?;
     let api = bind_api(args.api.as_deref(), &config.name)?;
-    let speed = measure_kernel_mode(&kvm, RUN_PROBE_ITERATIONS)?;
+    let cache = vmm::api::runtime_dir()
+        .inspect_err(|e| log::debug!("no runtime directory for the speed cache: {e}"))
+        .ok();
+    let (speed, _) = kernel_mode_speed(&kvm, RUN_PROBE_ITERATIONS, cache.as_deref())?;
     if speed.emulated() {
         log::info!(
             "guest kernel mode is emulated on this host ({:.1} M instructions/s): adding an emulation-friendly kernel cmdline (see `wisp doctor`)",
