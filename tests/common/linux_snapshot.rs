@@ -4,7 +4,8 @@
 //!
 //! The first test that asks boots the guest (2 vCPUs, 256 MiB, one network card on
 //! user-mode networking in a private namespace, static address [`GUEST_IP`]/24 with
-//! gateway [`GATEWAY`], the NAT plan's), checks that it reported boot-complete, starts a TCP service on
+//! gateway [`GATEWAY`], the NAT plan's), checks that a console line typed ahead at
+//! start runs whole and that it reported boot-complete, starts a TCP service on
 //! [`SERVICE_PORT`] (answers [`SERVICE_REPLY`]), and takes a snapshot with `--stop`.
 //! Test binaries share it through a directory under target/ named after the wisp
 //! binary and the guest images, so a rebuild makes a new one; a lock file serialises
@@ -136,7 +137,12 @@ fn create(dir: &Path) {
             "--cmdline",
             &cmdline,
         ]);
+        // Typed ahead, long before the guest's serial driver listens: the shell runs
+        // the whole line (before wisp held input back until then, Linux's 8250 startup
+        // ate its first bytes and the shell ran `o typed-ahead-...`).
+        s.send_line("echo typed-ahead-$((6 * 7))");
         s.expect_from(0, "WISP-READY", BOOT);
+        s.expect_from(0, "typed-ahead-42", CMD);
         s.send_line(&format!(
             "printf '#!/bin/sh\\necho {SERVICE_REPLY}\\n' >/tmp/svc; chmod +x /tmp/svc; \
              nc -ll -p {SERVICE_PORT} -e /tmp/svc </dev/null >/dev/null 2>&1 &"

@@ -6,7 +6,14 @@
 //!   guest reads it (flow control: the FIFO holds only 64 bytes, and nothing is dropped);
 //! - a serde snapshot of the register state;
 //! - a receive interrupt that is a level, as on a real 16550: IIR reports "received data
-//!   available" for as long as the FIFO holds data (see [`SerialDevice::read`]).
+//!   available" for as long as the FIFO holds data (see [`SerialDevice::read`]);
+//! - input only for a guest that listens: bytes enter the FIFO only while the guest has
+//!   the received-data interrupt enabled (IER bit 0). A driver that sets up the port
+//!   reads and discards whatever the FIFO holds (Linux's 8250 startup reads RBR twice
+//!   and does so before it enables the interrupt), so typed-ahead input fed earlier
+//!   would lose its first bytes. Enabling the interrupt signals the drain event, so the
+//!   VMM offers the waiting input then. A polling guest enables IER bit 0 to get input
+//!   (and keeps interrupts off in the CPU if it has no handler).
 
 use std::io::{self, Write};
 
@@ -30,6 +37,8 @@ const IIR_OFFSET: u8 = 2;
 const IIR_ID_MASK: u8 = 0x0f;
 /// IIR: received data available.
 const IIR_RDA: u8 = 0x04;
+/// IIR: no interrupt pending.
+const IIR_NONE: u8 = 0x01;
 /// IER bit 0: the received-data interrupt is enabled.
 const IER_RDA: u8 = 0x01;
 
@@ -109,8 +118,9 @@ impl SerialDevice {
 
     /// Queues console input for the guest; returns how many bytes were accepted (at most
     /// the free FIFO space). The rest must be offered again after the next drain event.
+    /// Nothing is accepted while the guest has the received-data interrupt disabled.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        if bytes.is_empty() || self.uart.fifo_capacity() == 0 {
+        if bytes.is_empty() || !self.accepts_input() || self.uart.fifo_capacity() == 0 {
             return 0;
         }
         match self.uart.enqueue_raw_bytes(bytes) {
@@ -122,11 +132,16 @@ impl SerialDevice {
         }
     }
 
+    /// Whether the guest listens for input: its driver enabled the received-data
+    /// interrupt.
+    pub fn accepts_input(&self) -> bool {
+        self.uart.state().interrupt_enable & IER_RDA != 0
+    }
+
     /// Whether the received-data interrupt condition holds: data waits in the FIFO and
     /// the guest enabled the interrupt.
     fn rx_interrupt_pending(&self) -> bool {
-        self.uart.fifo_capacity() < SERIAL_FIFO_SIZE
-            && self.uart.state().interrupt_enable & IER_RDA != 0
+        self.uart.fifo_capacity() < SERIAL_FIFO_SIZE && self.accepts_input()
     }
 
     /// The register state, for snapshots.
@@ -200,25 +215,36 @@ impl BusDevice for SerialDevice {
     /// most 256 per pass, then asks IIR again) is told nothing is pending and returns.
     /// The interrupt it was raised for is consumed, the VMM refills the FIFO only once
     /// it is empty, and console input stalls for good. A real 16550 keeps the condition
-    /// up while data waits, which is what IIR reports here. (THRE, which vm-superio
+    /// up while data waits, which is what IIR reports here, and drops it once the FIFO
+    /// is empty or the guest masks the interrupt. (THRE, which vm-superio
     /// clears on the same read, is not reported next to it; Linux finds it in LSR.)
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if let (Ok(off), [first, ..]) = (u8::try_from(offset), data) {
             let value = self.uart.read(off);
-            *first = if off == IIR_OFFSET && self.rx_interrupt_pending() {
-                (value & !IIR_ID_MASK) | IIR_RDA
-            } else {
-                value
+            *first = match (off == IIR_OFFSET, self.rx_interrupt_pending()) {
+                (true, true) => (value & !IIR_ID_MASK) | IIR_RDA,
+                // Latched by vm-superio, but masked or emptied since.
+                (true, false) if value & IIR_ID_MASK == IIR_RDA => {
+                    (value & !IIR_ID_MASK) | IIR_NONE
+                }
+                _ => value,
             };
         }
     }
 
+    /// A guest write. When it turns the received-data interrupt on, the drain event is
+    /// signalled so that input held back while the guest did not listen is offered now.
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let (Ok(off), [byte]) = (u8::try_from(offset), data) else {
             return;
         };
-        if let Err(e) = self.uart.write(off, *byte) {
+        let listened = self.accepts_input();
+        let result = self.uart.write(off, *byte);
+        if !listened && self.accepts_input() && self.uart.fifo_capacity() == SERIAL_FIFO_SIZE {
+            self.uart.events().in_buffer_empty();
+        }
+        if let Err(e) = result {
             if !self.output_failed {
                 let why = match e {
                     vm_superio::serial::Error::IOError(e) => format!("cannot write: {e}"),
@@ -354,8 +380,9 @@ mod tests {
     #[test]
     fn input_is_flow_controlled_and_drain_is_signalled() {
         let (mut d, irq, drained, _sink) = dev();
-        // Enable the received-data interrupt.
+        // Enable the received-data interrupt (which signals the drain event once).
         d.write(0x3f8, 1, &[0x01]);
+        assert_eq!(drained.read().unwrap(), 1);
         let input: Vec<u8> = (0..100u8).collect();
         let n = d.enqueue_input(&input);
         assert_eq!(n, 64, "FIFO holds 64 bytes");
@@ -392,9 +419,46 @@ mod tests {
         d.read(0x3f8, 0, &mut [0u8]);
         assert_eq!(iir(&mut d), 0x01, "nothing pending once the FIFO is empty");
         // Masked in IER: not reported.
-        d.write(0x3f8, 1, &[0]);
         assert_eq!(d.enqueue_input(b"x"), 1);
+        d.write(0x3f8, 1, &[0]);
         assert_eq!(iir(&mut d), 0x01);
+    }
+
+    /// Linux's 8250 startup reads RBR (twice) before it enables the received-data
+    /// interrupt; input offered before then must wait, not be eaten.
+    #[test]
+    fn input_waits_until_the_guest_enables_the_receive_interrupt() {
+        let (mut d, _irq, drained, _sink) = dev();
+        assert!(!d.accepts_input());
+        assert_eq!(d.enqueue_input(b"echo hi"), 0, "nobody listens yet");
+        // The driver probes and clears the port: nothing is lost since nothing was in.
+        for off in [5, 0, 2, 6, 0] {
+            d.read(0x3f8, off, &mut [0u8]);
+        }
+        // (vm-superio signals a drain on every read of an empty FIFO; harmless.)
+        let _ = drained.read();
+        // The divisor latch shares offset 1: writing it is not enabling the interrupt.
+        d.write(0x3f8, 3, &[0x80]);
+        d.write(0x3f8, 1, &[IER_RDA]);
+        d.write(0x3f8, 3, &[0x03]);
+        assert!(!d.accepts_input());
+        assert!(drained.read().is_err());
+        // Enabling it is the signal to offer the waiting input.
+        d.write(0x3f8, 1, &[IER_RDA | 0x04]);
+        assert!(d.accepts_input());
+        assert_eq!(drained.read().unwrap(), 1);
+        assert_eq!(d.enqueue_input(b"echo hi"), 7);
+        let mut got = Vec::new();
+        for _ in 0..7 {
+            let mut b = [0u8];
+            d.read(0x3f8, 0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, b"echo hi");
+        // Writing IER again while listening signals nothing more than the drain did.
+        assert_eq!(drained.read().unwrap(), 1, "drained once");
+        d.write(0x3f8, 1, &[IER_RDA]);
+        assert!(drained.read().is_err());
     }
 
     /// Linux's 8250 interrupt handler (serial8250_interrupt, serial8250_handle_irq and

@@ -1,5 +1,7 @@
-//! Polled 16550 UART on COM1 (no interrupts, no initialisation needed by
-//! the VMM's or QEMU's emulated UART).
+//! Polled 16550 UART on COM1 (no initialisation needed by the VMM's or
+//! QEMU's emulated UART). Reading sets IER bit 0, the received-data
+//! interrupt, because wisp feeds console input only to a guest that enables
+//! it; the probe runs with IF=0, so the interrupt is never taken.
 
 use core::fmt;
 
@@ -9,7 +11,9 @@ use crate::io;
 pub const COM1: u16 = 0x3f8;
 const THR: u16 = COM1;
 const RBR: u16 = COM1;
+const IER: u16 = COM1 + 1;
 const LSR: u16 = COM1 + 5;
+const IER_RDA: u8 = 1 << 0;
 const LSR_DATA_READY: u8 = 1 << 0;
 const LSR_THR_EMPTY: u8 = 1 << 5;
 /// Upper bound on LSR polls per byte, so a missing or stuck UART cannot
@@ -37,6 +41,10 @@ impl Serial {
     /// FIFO drains). Two port accesses per byte (LSR, then RBR) while data
     /// is ready, plus one LSR poll per wait.
     pub fn read_bytes(&mut self, n: u32, mut f: impl FnMut(u8)) {
+        // SAFETY: enabling the received-data interrupt only tells the UART we
+        // listen; with IF=0 the CPU never takes it. (LCR.DLAB is never set by
+        // the probe, so offset 1 is IER.)
+        unsafe { io::outb(IER, IER_RDA) };
         let mut left = n;
         while left > 0 {
             // SAFETY: reading the LSR of COM1 has no side effects we rely on.
