@@ -4,7 +4,9 @@
 #   target/guest/initramfs.cpio.gz  busybox-static + our nolibc /init
 #   target/guest/rootfs.ext4        the same files as an ext4 disk image (init at
 #                                   /sbin/init): wisp run --disk ... --cmdline root=/dev/vda
-#   target/guest/ssh/               keys for the guest's SSH server (dropbear):
+#   target/guest/ssh.ext4           the guest's SSH server (dropbear), a read-only disk
+#                                   `wisp run` attaches to the default guest
+#   target/guest/ssh/               keys for the guest's SSH server:
 #                                   id_ed25519 (OpenSSH format, for `ssh -i`),
 #                                   id_ed25519.dropbear (for dbclient), host key
 # Cached: does nothing when the outputs were built from the same inputs.
@@ -208,21 +210,6 @@ build_initramfs() {
         fi
     )
 
-    # SSH server: dropbear (dropbear-bin) and its shared libraries, the host key and
-    # root's authorized key from $SSH. /etc/init.d/rcS starts it.
-    mkdir -p "$stage/usr/sbin" "$stage/etc/dropbear" "$stage/root/.ssh" "$stage/var"
-    cp /usr/sbin/dropbear "$stage/usr/sbin/dropbear"
-    local lib
-    for lib in $(ldd /usr/sbin/dropbear | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/lib/ {print $1}'); do
-        mkdir -p "$stage$(dirname "$lib")"
-        cp -L "$lib" "$stage$lib"
-    done
-    cp "$SSH/host_ed25519" "$stage/etc/dropbear/dropbear_ed25519_host_key"
-    cp "$SSH/id_ed25519.pub" "$stage/root/.ssh/authorized_keys"
-    chmod 700 "$stage/root/.ssh"
-    chmod 600 "$stage/root/.ssh/authorized_keys" "$stage/etc/dropbear/dropbear_ed25519_host_key"
-    ln -s /run "$stage/var/run"
-
     # The kernel opens /dev/console before running /init.
     mknod -m 600 "$stage/dev/console" c 5 1 ||
         step "initramfs: warning: cannot mknod /dev/console (init reopens it)"
@@ -242,11 +229,38 @@ sys.stdout.buffer.write(gzip.compress(sys.stdin.buffer.read(), compresslevel=0, 
     echo "$INITRD_KEY" >"$BUILD/initramfs.key"
     step "initramfs: $OUT/initramfs.cpio.gz ($(stat -c %s "$OUT/initramfs.cpio.gz") bytes)"
 
-    # The same tree as a disk: no journal (a small scratch root; mounting and
-    # replaying a journal is emulated kernel work here), 64 MiB sparse.
+    # The SSH server, off the boot path: dropbear (dropbear-bin) with its shared
+    # libraries, the host key and root's authorized key from $SSH, on a small
+    # read-only disk that `wisp run` attaches to the default guest (serial wisp-ssh);
+    # rcS mounts it after WISP-READY. In the initramfs these 4 MiB cost seconds of
+    # emulated unpacking before /init (guest/README.md, "SSH").
+    local ssh_stage="$BUILD/ssh-stage" lib
+    rm -rf "$ssh_stage"
+    mkdir -p "$ssh_stage/usr/sbin" "$ssh_stage/etc/dropbear" "$ssh_stage/root/.ssh"
+    cp /usr/sbin/dropbear "$ssh_stage/usr/sbin/dropbear"
+    for lib in $(ldd /usr/sbin/dropbear | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/lib/ {print $1}'); do
+        mkdir -p "$ssh_stage$(dirname "$lib")"
+        cp -L "$lib" "$ssh_stage$lib"
+    done
+    cp "$SSH/host_ed25519" "$ssh_stage/etc/dropbear/dropbear_ed25519_host_key"
+    cp "$SSH/id_ed25519.pub" "$ssh_stage/root/.ssh/authorized_keys"
+    chmod 700 "$ssh_stage/root/.ssh"
+    chmod 600 "$ssh_stage/root/.ssh/authorized_keys" "$ssh_stage/etc/dropbear/dropbear_ed25519_host_key"
+    find "$ssh_stage" -exec touch -h -d @0 {} +
+    step "ssh disk: packing $OUT/ssh.ext4"
+    rm -f "$OUT/ssh.ext4.tmp"
+    run_logged "$BUILD/ssh-disk.log" mke2fs -q -t ext4 -O ^has_journal -L wisp-ssh \
+        -E root_owner=0:0 -d "$ssh_stage" -F "$OUT/ssh.ext4.tmp" 8M
+    mv "$OUT/ssh.ext4.tmp" "$OUT/ssh.ext4"
+    echo "$INITRD_KEY" >"$BUILD/ssh.key"
+
+    # The same tree as a disk, with the SSH files in place: no journal (a small
+    # scratch root; mounting and replaying a journal is emulated kernel work here),
+    # 64 MiB sparse.
     step "rootfs: packing $OUT/rootfs.ext4"
     mkdir -p "$stage/sbin"
     cp "$stage/init" "$stage/sbin/init"
+    cp -a "$ssh_stage/." "$stage/"
     rm -f "$OUT/rootfs.ext4.tmp"
     run_logged "$BUILD/rootfs.log" mke2fs -q -t ext4 -O ^has_journal -L wisp-root \
         -E root_owner=0:0 -d "$stage" -F "$OUT/rootfs.ext4.tmp" 64M
@@ -255,8 +269,9 @@ sys.stdout.buffer.write(gzip.compress(sys.stdin.buffer.read(), compresslevel=0, 
 }
 
 if is_current "$OUT/initramfs.cpio.gz" "$BUILD/initramfs.key" "$INITRD_KEY" &&
+    is_current "$OUT/ssh.ext4" "$BUILD/ssh.key" "$INITRD_KEY" &&
     is_current "$OUT/rootfs.ext4" "$BUILD/rootfs.key" "$INITRD_KEY"; then
-    step "initramfs, rootfs: up to date"
+    step "initramfs, ssh disk, rootfs: up to date"
 else
     build_initramfs
 fi

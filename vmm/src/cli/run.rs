@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use devices::virtio::block::BlockConfig;
 use vmm::config::{self, VmConfig};
 use vmm::console::ConsoleSpec;
 use vmm::host::kernel_mode_speed;
@@ -49,7 +50,10 @@ pub struct RunArgs {
     /// Kernel to boot: an x86_64 ELF vmlinux (PVH entry if it has the PVH note, else the
     /// 64-bit entry) or a bzImage. Default: the default guest's kernel
     /// (target/guest/vmlinux, built by scripts/build-guest.sh), with its initramfs
-    /// unless --cmdline has root= (then the root file system comes from a --disk).
+    /// unless --cmdline has root= (then the root file system comes from a --disk). With
+    /// its own initramfs the default guest also gets its SSH server's disk
+    /// (target/guest/ssh.ext4, read-only, serial wisp-ssh) after any --disk; name an
+    /// --initrd to leave it out.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
 
@@ -126,9 +130,24 @@ fn default_guest_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/guest"))
 }
 
-fn resolve_kernel(args: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
+/// The serial (`id=`) of the default guest's SSH disk; the guest's rcS looks for it.
+const SSH_DISK_ID: &str = "wisp-ssh";
+
+/// What to boot: the kernel, its initramfs, and the default guest's read-only SSH disk
+/// when the default guest is booted with its initramfs.
+struct Boot {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    ssh_disk: Option<PathBuf>,
+}
+
+fn resolve_kernel(args: &RunArgs) -> Result<Boot> {
     if let Some(kernel) = &args.kernel {
-        return Ok((kernel.clone(), args.initrd.clone()));
+        return Ok(Boot {
+            kernel: kernel.clone(),
+            initrd: args.initrd.clone(),
+            ssh_disk: None,
+        });
     }
     let dir = default_guest_dir();
     let kernel = dir.join("vmlinux");
@@ -143,11 +162,22 @@ fn resolve_kernel(args: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
         .cmdline
         .split_whitespace()
         .any(|w| w.starts_with("root="));
-    let initrd = args
-        .initrd
-        .clone()
-        .or_else(|| Some(dir.join("initramfs.cpio.gz")).filter(|p| !wants_root && p.is_file()));
-    Ok((kernel, initrd))
+    if let Some(initrd) = &args.initrd {
+        return Ok(Boot {
+            kernel,
+            initrd: Some(initrd.clone()),
+            ssh_disk: None,
+        });
+    }
+    let initrd = Some(dir.join("initramfs.cpio.gz")).filter(|p| !wants_root && p.is_file());
+    // The SSH server lives on a disk of its own, off the boot path (its 4 MiB in the
+    // initramfs cost seconds of boot where guest kernel mode is emulated).
+    let ssh_disk = Some(dir.join("ssh.ext4")).filter(|p| initrd.is_some() && p.is_file());
+    Ok(Boot {
+        kernel,
+        initrd,
+        ssh_disk,
+    })
 }
 
 fn check_readable(what: &str, path: &Path) -> Result<()> {
@@ -163,18 +193,33 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
         .clone()
         .unwrap_or_else(|| format!("wisp-{}", std::process::id()));
     config::check_name(&name)?;
-    let (kernel, initrd) = resolve_kernel(&args)?;
+    let Boot {
+        kernel,
+        initrd,
+        ssh_disk,
+    } = resolve_kernel(&args)?;
     check_readable("kernel", &kernel)?;
     if let Some(i) = &initrd {
         check_readable("initrd", i)?;
     }
     let kvm = open_checked_kvm()?;
     let limits = host_limits(&kvm);
-    let disks = args
+    let mut disks = args
         .disk
         .iter()
         .map(|d| config::parse_disk(d))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(path) = ssh_disk {
+        log::debug!(
+            "default guest: its SSH server disk {} goes last, read-only",
+            path.display()
+        );
+        disks.push(BlockConfig {
+            path,
+            read_only: true,
+            id: SSH_DISK_ID.to_string(),
+        });
+    }
     let nets = args
         .net
         .iter()
