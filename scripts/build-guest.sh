@@ -11,7 +11,8 @@
 #                                   id_ed25519.dropbear (for dbclient), host key
 # Cached: does nothing when the outputs were built from the same inputs.
 # WISP_GUEST_INT3_PATCH=1 also applies guest/kernel/optional/int3-selftest.patch
-# (separate build directory; part of the cache key).
+# and writes target/guest/vmlinux-int3 instead of vmlinux (separate build directory;
+# part of the cache key): the kernel other VMMs boot where kernel mode is emulated.
 # See guest/README.md.
 set -euo pipefail
 
@@ -28,10 +29,12 @@ BUILD=target/guest-build
 
 INT3=${WISP_GUEST_INT3_PATCH:-0}
 case "$INT3" in
-    0 | "") INT3=0; VARIANT=default ;;
-    1) VARIANT=int3 ;;
+    0 | "") INT3=0; VARIANT=default; VMLINUX_NAME=vmlinux ;;
+    1) VARIANT=int3; VMLINUX_NAME=vmlinux-int3 ;;
     *) echo "build-guest: WISP_GUEST_INT3_PATCH must be 0 or 1" >&2; exit 2 ;;
 esac
+
+VMLINUX=$OUT/$VMLINUX_NAME
 
 step() { printf 'build-guest: %s\n' "$*"; }
 die() { printf 'build-guest: error: %s\n' "$*" >&2; exit 1; }
@@ -119,10 +122,10 @@ build_kernel() {
     mkdir -p "$KB"
     # This variant was already built from these inputs: just copy it.
     if is_current "$KB/vmlinux.out" "$KB/vmlinux.key" "$KERNEL_KEY"; then
-        cp "$KB/vmlinux.out" "$OUT/vmlinux.tmp"
-        mv "$OUT/vmlinux.tmp" "$OUT/vmlinux"
-        echo "$KERNEL_KEY" >"$BUILD/vmlinux.key"
-        step "kernel: $OUT/vmlinux copied from $KB ($VARIANT)"
+        cp "$KB/vmlinux.out" "$VMLINUX.tmp"
+        mv "$VMLINUX.tmp" "$VMLINUX"
+        echo "$KERNEL_KEY" >"$BUILD/$VMLINUX_NAME.key"
+        step "kernel: $VMLINUX copied from $KB ($VARIANT)"
         return
     fi
     if ! is_current "$KSRC/Makefile" "$KB/src.key" "$SRC_KEY"; then
@@ -158,13 +161,13 @@ build_kernel() {
         die "vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
     objcopy --strip-debug "$KSRC/vmlinux" "$KB/vmlinux.out"
     echo "$KERNEL_KEY" >"$KB/vmlinux.key"
-    cp "$KB/vmlinux.out" "$OUT/vmlinux.tmp"
-    mv "$OUT/vmlinux.tmp" "$OUT/vmlinux"
-    echo "$KERNEL_KEY" >"$BUILD/vmlinux.key"
-    step "kernel: $OUT/vmlinux ($(stat -c %s "$OUT/vmlinux") bytes)"
+    cp "$KB/vmlinux.out" "$VMLINUX.tmp"
+    mv "$VMLINUX.tmp" "$VMLINUX"
+    echo "$KERNEL_KEY" >"$BUILD/$VMLINUX_NAME.key"
+    step "kernel: $VMLINUX ($(stat -c %s "$VMLINUX") bytes)"
 }
 
-if is_current "$OUT/vmlinux" "$BUILD/vmlinux.key" "$KERNEL_KEY"; then
+if is_current "$VMLINUX" "$BUILD/$VMLINUX_NAME.key" "$KERNEL_KEY"; then
     step "kernel: up to date ($VARIANT)"
 else
     build_kernel

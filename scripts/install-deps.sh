@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install (idempotently) the Debian packages needed to build wisp's default
 # guest and to run the tests: kernel source, toolchain for the kernel and our init,
-# busybox, cpio, mke2fs, iproute2.
+# busybox, cpio, mke2fs, iproute2; and what `wisp bench` compares wisp with (runc,
+# crun, QEMU).
 # Runs `apt-get update` only when something is missing. Quiet on success.
 set -euo pipefail
 
@@ -20,6 +21,8 @@ PKGS=(
     iproute2           # ip: network namespaces, TAPs and bridges in tests
     passt              # user-mode networking backend (--net user)
     dropbear-bin       # the guest's SSH server; dbclient for the tests
+    runc crun          # OCI runtimes: the container kinds of `wisp bench`
+    qemu-system-x86    # QEMU's microvm machine: a peer VMM for `wisp bench`
 )
 
 missing=()

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use cli::bench::BenchArgs;
 use cli::control::{self, Target};
 use cli::migrate::MigrateArgs;
 use cli::receive::ReceiveArgs;
@@ -58,6 +59,9 @@ enum Command {
     Migrate(MigrateArgs),
     /// Wait for one incoming migration (`wisp migrate`), then run the VM.
     Receive(ReceiveArgs),
+    /// Measure microVMs next to containers and other VMMs on this machine, side by side:
+    /// start time, CPU, memory, HTTP latency, density (needs root).
+    Bench(BenchArgs),
 }
 
 /// A command-line error from clap as wisp's one line: clap's message with its listed
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args, start),
+        Command::Bench(args) => cli::bench::bench(args),
         Command::Doctor => control::doctor(),
         Command::Ls => control::ls(),
         Command::Status(t) => control::control(&t, vmm::api::Request::Status),

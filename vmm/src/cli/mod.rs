@@ -1,5 +1,6 @@
 //! The subcommands of the `wisp` binary, one file each, and what they share.
 
+pub mod bench;
 pub mod control;
 pub mod migrate;
 pub mod receive;

@@ -15,7 +15,7 @@ use super::{bind_api, host_limits, open_checked_kvm, open_console, run_vm, whole
 
 /// Iterations of the timing guest `wisp run` uses to detect emulated kernel mode
 /// (about 30 ms where it is emulated, microseconds on hardware).
-const RUN_PROBE_ITERATIONS: u32 = 20_000;
+pub const RUN_PROBE_ITERATIONS: u32 = 20_000;
 
 #[derive(Args)]
 #[command(after_long_help = "\
@@ -120,7 +120,7 @@ pub struct RunArgs {
 
 /// Where the default guest lives: $WISP_GUEST_DIR, else target/guest next to the
 /// directory holding this binary (target/release/wisp -> target/guest).
-fn default_guest_dir() -> PathBuf {
+pub fn default_guest_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("WISP_GUEST_DIR") {
         return PathBuf::from(dir);
     }

@@ -1,0 +1,150 @@
+//! OCI runtimes (runc, crun) running the workload's bundle: the workload's root file
+//! system read-only, a network namespace of the slot's, the usual container
+//! capabilities. Started detached (`run -d`), as container managers do, so the
+//! instance is the container's processes; the runtime's own CPU time counts towards
+//! its start.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{runs_ok, spawn, Env, Kind, KindError, KindName};
+use crate::instance::Instance;
+use crate::netns::{Link, Slot};
+
+/// Docker's default capability set.
+const CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// A runtime with runc's command line.
+pub struct Oci {
+    env: Env,
+    program: &'static str,
+    name: KindName,
+    version: String,
+}
+
+impl Oci {
+    pub(super) fn new(env: &Env, program: &'static str, name: KindName) -> Result<Self, String> {
+        runs_ok(program, "--version")?;
+        let version = Command::new(program)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|t| t.lines().next().map(str::to_string))
+            .unwrap_or_default();
+        Ok(Self {
+            env: env.clone(),
+            program,
+            name,
+            version,
+        })
+    }
+
+    fn container_id(id: &str) -> String {
+        format!("wisp-bench-{}-{id}", std::process::id())
+    }
+
+    /// The bundle's config.json.
+    fn config(&self, slot: &Slot) -> serde_json::Value {
+        let netns = slot
+            .container_ns_path()
+            .map(|p| p.to_string_lossy().into_owned());
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": { "uid": 0, "gid": 0 },
+                "args": ["/bin/sh", "/init"],
+                "env": ["PATH=/bin"],
+                "cwd": "/",
+                "capabilities": { "bounding": CAPS, "effective": CAPS, "permitted": CAPS },
+                "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
+                "noNewPrivileges": true
+            },
+            "root": { "path": self.env.workload.rootfs, "readonly": true },
+            "hostname": "wisp-bench",
+            "mounts": [
+                { "destination": "/proc", "type": "proc", "source": "proc" },
+                { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                  "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+                { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+                  "options": ["nosuid", "noexec", "nodev", "ro"] },
+                { "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                  "options": ["nosuid", "nodev", "mode=1777"] }
+            ],
+            "linux": {
+                "namespaces": [
+                    { "type": "pid" },
+                    { "type": "network", "path": netns },
+                    { "type": "ipc" },
+                    { "type": "uts" },
+                    { "type": "mount" }
+                ],
+                "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+                "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+            }
+        })
+    }
+}
+
+impl Kind for Oci {
+    fn name(&self) -> KindName {
+        self.name
+    }
+
+    fn link(&self) -> Link {
+        Link::Veth
+    }
+
+    fn runs(&self) -> String {
+        format!("the host kernel; {}", self.version)
+    }
+
+    fn start(&self, slot: &Slot, id: &str) -> Result<Instance, KindError> {
+        let bundle = self.env.scratch.join(format!("bundle-{id}"));
+        let write = |path: PathBuf| move |source| KindError::Write { path, source };
+        std::fs::create_dir_all(&bundle).map_err(write(bundle.clone()))?;
+        let config = bundle.join("config.json");
+        std::fs::write(&config, self.config(slot).to_string()).map_err(write(config.clone()))?;
+        let cid = Self::container_id(id);
+        let pid_file = bundle.join("pid");
+        let _ = std::fs::remove_file(&pid_file);
+        // A container of an earlier, interrupted run with this id would be in the way.
+        let _ = Command::new(self.program)
+            .args(["delete", "--force", &cid])
+            .output();
+        let mut cmd = Command::new(self.program);
+        cmd.args(["run", "-d", "--bundle"])
+            .arg(&bundle)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(&cid);
+        let mut inst = spawn(cmd, slot, false, self.program)?;
+        let mut delete = Command::new(self.program);
+        delete.args(["delete", "--force", &cid]);
+        inst.on_stop(delete);
+        if let Err(why) = inst.detach(&pid_file, Duration::from_secs(60)) {
+            inst.stop();
+            return Err(KindError::Prepare(format!("{} run: {why}", self.program)));
+        }
+        Ok(inst)
+    }
+}
