@@ -19,7 +19,7 @@ fn err<E: std::fmt::Display>(e: E) -> ChartError {
 
 const WIDTH: u32 = 1200;
 const PANEL_HEIGHT: u32 = 230;
-const HEADER: u32 = 70;
+const HEADER: u32 = 80;
 
 /// Colours for kinds, VMs blue-ish, containers orange-ish, in report order.
 fn colour(kind: crate::kinds::KindName) -> RGBColor {
@@ -56,20 +56,25 @@ pub fn svg(report: &Report) -> Result<String, ChartError> {
         header
             .draw_text(
                 &format!(
-                    "wisp bench: {} runs per kind, VMs {} vCPU / {} MiB, bars are medians, lines min..max",
-                    st.runs, st.vm_cpus, st.vm_memory_mib
+                    "wisp bench: {} run{} per kind, VMs {} vCPU / {} MiB, bars are medians, lines min..max",
+                    st.runs,
+                    if st.runs == 1 { "" } else { "s" },
+                    st.vm_cpus,
+                    st.vm_memory_mib
                 ),
                 &("sans-serif", 20).into_font().color(&BLACK),
                 (12, 10),
             )
             .map_err(err)?;
-        header
-            .draw_text(
-                &report.host_line(),
-                &("sans-serif", 13).into_font().color(&RGBColor(120, 40, 40)),
-                (12, 40),
-            )
-            .map_err(err)?;
+        for (i, line) in wrap(&report.host_line(), 170).iter().enumerate() {
+            header
+                .draw_text(
+                    line,
+                    &("sans-serif", 13).into_font().color(&RGBColor(120, 40, 40)),
+                    (12, 38 + 16 * i as i32),
+                )
+                .map_err(err)?;
+        }
         let panels = body.split_evenly((rows as usize, 2));
         for (panel, f) in panels.iter().zip(&figures) {
             let data: Vec<_> = report
@@ -98,9 +103,10 @@ pub fn svg(report: &Report) -> Result<String, ChartError> {
                     ("sans-serif", 15),
                 )
                 .margin(10)
+                .margin_right(40)
                 .x_label_area_size(24)
                 .y_label_area_size(110)
-                .build_cartesian_2d(x0..x1, (0..n).into_segmented())
+                .build_cartesian_2d(x0..x1, (0..n.saturating_sub(1).max(1)).into_segmented())
                 .map_err(err)?;
             chart
                 .configure_mesh()
@@ -153,6 +159,23 @@ pub fn svg(report: &Report) -> Result<String, ChartError> {
     Ok(buf)
 }
 
+/// `text` in lines of at most about `width` characters, broken at spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split(' ') {
+        let line = lines.last_mut().expect("lines is never empty");
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(word.to_string());
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines
+}
+
 /// A panel title short enough for half the width.
 fn short_title(key: &str) -> &'static str {
     match key {
@@ -160,6 +183,8 @@ fn short_title(key: &str) -> &'static str {
         "cpu_ms" => "CPU until ready",
         "memory_mib" => "memory, idle (PSS)",
         "vmm_own_mib" => "VMM's own memory",
+        "vmm_start_ms" => "VMM start, probe guest",
+        "vmm_start_cpu_ms" => "VMM start CPU, probe guest",
         "http_p50_ms" => "HTTP latency p50",
         "http_p99_ms" => "HTTP latency p99",
         "density_per_s" => "density: starts per second",
@@ -176,6 +201,12 @@ mod tests {
     use crate::report::{Host, KindReport, Settings};
 
     #[test]
+    fn long_lines_wrap_at_spaces() {
+        assert_eq!(wrap("aa bb cc", 5), ["aa bb", "cc"]);
+        assert_eq!(wrap("short", 80), ["short"]);
+    }
+
+    #[test]
     fn draws_one_panel_per_figure_with_every_kind() {
         let s = |start: f64| Sample {
             start_ms: start,
@@ -184,6 +215,8 @@ mod tests {
             vmm_own_mib: Some(2.0),
             http_p50_ms: 1.0,
             http_p99_ms: 3.0,
+            vmm_start_ms: Some(20.0),
+            vmm_start_cpu_ms: Some(9.0),
         };
         let d = [DensitySample {
             per_s: 1.5,
@@ -215,6 +248,7 @@ mod tests {
         for text in [
             "start to ready",
             "density: memory per instance",
+            "VMM start, probe guest",
             "wisp",
             "runc",
         ] {

@@ -21,7 +21,7 @@ pub mod stats;
 pub mod workload;
 
 use std::io::{self, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -232,6 +232,7 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     }
     catch_signals();
     netns::remove_stale();
+    remove_stale_scratch(&opts.work_dir);
     let workload = workload::prepare(&opts.busybox, &opts.work_dir)?;
     let scratch = opts.work_dir.join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|source| BenchError::Scratch {
@@ -241,6 +242,25 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     let result = run_in(opts, kernel, workload, scratch.clone());
     let _ = std::fs::remove_dir_all(&scratch);
     result
+}
+
+/// Removes the scratch directories of bench processes that no longer exist.
+fn remove_stale_scratch(work_dir: &Path) {
+    let Ok(dir) = std::fs::read_dir(work_dir) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("run-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !procfs::alive(pid) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn run_in(
@@ -271,6 +291,7 @@ fn run_in(
         cpus: opts.cpus,
         memory_mib: opts.memory_mib,
         scratch,
+        probe: Some(opts.guest_dir.join("probe")).filter(|p| p.is_file()),
     };
     let mut reports = Vec::new();
     let mut entries = Vec::new();
@@ -326,7 +347,7 @@ fn run_in(
                 let id = format!("{name}-{run}");
                 let result = if phase == 0 {
                     let Some(s) = e.single.as_ref() else { continue };
-                    measure::single(e.kind.as_ref(), s, &id, opts.requests)
+                    measure::single(e.kind.as_ref(), s, &id, opts.requests, env.probe.as_deref())
                         .map(|s| e.samples.push(s))
                 } else {
                     measure::density(e.kind.as_ref(), &e.crowd, &format!("{id}-d"))

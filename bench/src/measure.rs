@@ -2,6 +2,7 @@
 //! the page N times, take it down. And the density measurement: K at once.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::http;
@@ -12,6 +13,8 @@ use crate::procfs;
 
 /// How long the bench waits for an instance to become ready.
 const READY_LIMIT: Duration = Duration::from_secs(300);
+/// How long the probe guest may take to its first output.
+const PROBE_LIMIT: Duration = Duration::from_secs(30);
 /// How long an instance idles after ready before its memory is read.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -30,6 +33,10 @@ pub struct Sample {
     pub http_p50_ms: f64,
     /// See `http_p50_ms`.
     pub http_p99_ms: f64,
+    /// The VMM's own start: process start to the probe guest's first output, ms.
+    pub vmm_start_ms: Option<f64>,
+    /// CPU time of its processes until then, ms.
+    pub vmm_start_cpu_ms: Option<f64>,
 }
 
 /// K instances at once.
@@ -71,13 +78,46 @@ fn memory_kib(inst: &Instance) -> u64 {
         .sum()
 }
 
-/// Measures one instance of `kind` in `slot`; `Err` says why it failed.
-pub fn single(kind: &dyn Kind, slot: &Slot, id: &str, requests: usize) -> Result<Sample, String> {
+/// Measures one instance of `kind` in `slot`, and the kind's own start with `probe`
+/// where it can boot it; `Err` says why it failed.
+pub fn single(
+    kind: &dyn Kind,
+    slot: &Slot,
+    id: &str,
+    requests: usize,
+    probe: Option<&Path>,
+) -> Result<Sample, String> {
     slot.forget_neighbours();
     let mut inst = kind.start(slot, id).map_err(|e| e.to_string())?;
     let result = measure_running(kind, slot, &mut inst, requests);
     inst.stop();
+    let mut sample = result?;
+    if let Some((ms, cpu)) = vmm_start(kind, probe, id)? {
+        sample.vmm_start_ms = Some(ms);
+        sample.vmm_start_cpu_ms = Some(cpu);
+    }
+    Ok(sample)
+}
+
+/// `kind`'s own start with the probe guest: to its first output, and the CPU its
+/// processes had spent when that was seen; `None` when it cannot boot the probe.
+fn vmm_start(
+    kind: &dyn Kind,
+    probe: Option<&Path>,
+    id: &str,
+) -> Result<Option<(f64, f64)>, String> {
+    let Some(started) = probe.and_then(|p| kind.start_probe(p, &format!("{id}-probe"))) else {
+        return Ok(None);
+    };
+    let mut inst = started.map_err(|e| format!("probe guest: {e}"))?;
+    let result = inst.wait_marker(PROBE_LIMIT).map(|at| {
+        let cpu = procfs::cpu_ms(&procfs::tree(inst.pid())) + inst.launcher_cpu_ms();
+        (ms(at.duration_since(inst.spawned)), cpu)
+    });
+    inst.stop();
     result
+        .map(Some)
+        .map_err(|why| format!("probe guest: {why}"))
 }
 
 fn measure_running(
@@ -106,6 +146,8 @@ fn measure_running(
         vmm_own_mib,
         http_p50_ms: crate::stats::percentile(&lat, 50.0).unwrap_or(0.0),
         http_p99_ms: crate::stats::percentile(&lat, 99.0).unwrap_or(0.0),
+        vmm_start_ms: None,
+        vmm_start_cpu_ms: None,
     })
 }
 

@@ -60,16 +60,32 @@ impl Stat {
 }
 
 /// CPU time (user + system, ms) of `pids` and of the children they have reaped: what
-/// the instance's processes have spent since they started.
+/// the instance's processes have spent since they started. A process's own time is the
+/// nanosecond run time of its live threads (schedstat), unless the clock-tick count,
+/// which also holds threads that have exited, is larger.
 pub fn cpu_ms(pids: &[u32]) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let ticks: u64 = pids
-        .iter()
-        .filter_map(|p| Stat::read(*p))
-        .map(|s| s.utime + s.stime + s.cutime + s.cstime)
+    let tick_ms = |t: u64| t as f64 * 1000.0 / hz;
+    pids.iter()
+        .filter_map(|p| Some((*p, Stat::read(*p)?)))
+        .map(|(p, s)| {
+            tick_ms(s.utime + s.stime).max(threads_run_ms(p)) + tick_ms(s.cutime + s.cstime)
+        })
+        .sum()
+}
+
+/// The run time of `pid`'s live threads, ms, from /proc/PID/task/*/schedstat.
+fn threads_run_ms(pid: u32) -> f64 {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = dir
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
-    ticks as f64 * 1000.0 / hz
+    ns as f64 / 1e6
 }
 
 /// One mapping of /proc/PID/smaps: its size, its path (empty when anonymous) and the

@@ -27,7 +27,7 @@ pub struct Figure {
 }
 
 /// Every figure, in report order.
-pub const FIGURES: [Figure; 8] = [
+pub const FIGURES: [Figure; 10] = [
     Figure {
         key: "start_ms",
         title: "start: process start to ready (wisp-restore: to its first HTTP answer)",
@@ -50,6 +50,18 @@ pub const FIGURES: [Figure; 8] = [
         key: "vmm_own_mib",
         title: "memory: wisp's own share, without guest RAM",
         unit: "MiB",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "vmm_start_ms",
+        title: "VMM start: process start to the probe guest's first output (no kernel boot)",
+        unit: "ms",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "vmm_start_cpu_ms",
+        title: "VMM start CPU: user + system time of its processes until that output",
+        unit: "ms",
         higher_is_better: false,
     },
     Figure {
@@ -171,6 +183,14 @@ impl KindReport {
         put(
             "vmm_own_mib",
             samples.iter().filter_map(|s| s.vmm_own_mib).collect(),
+        );
+        put(
+            "vmm_start_ms",
+            samples.iter().filter_map(|s| s.vmm_start_ms).collect(),
+        );
+        put(
+            "vmm_start_cpu_ms",
+            samples.iter().filter_map(|s| s.vmm_start_cpu_ms).collect(),
         );
         put(
             "http_p50_ms",
@@ -345,6 +365,8 @@ mod tests {
             vmm_own_mib: None,
             http_p50_ms: 1.0,
             http_p99_ms: 2.0,
+            vmm_start_ms: None,
+            vmm_start_cpu_ms: None,
         }
     }
 

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use super::{runs_ok, spawn, Env, Kind, KindError, KindName};
+use super::{runs_ok, spawn, spawn_probe, Env, Kind, KindError, KindName};
 use crate::instance::Instance;
 use crate::netns::{Slot, TAP};
 
@@ -52,7 +52,27 @@ impl Kind for Firecracker {
             "machine-config": { "vcpu_count": e.cpus, "mem_size_mib": e.memory_mib },
             "network-interfaces": [{ "iface_id": "eth0", "host_dev_name": TAP }]
         });
-        let path = e.scratch.join(format!("firecracker-{id}.json"));
+        spawn(self.command(id, &config)?, slot, true, "firecracker")
+    }
+
+    fn start_probe(&self, probe: &Path, id: &str) -> Option<Result<Instance, KindError>> {
+        let e = &self.env;
+        let config = json!({
+            "boot-source": { "kernel_image_path": probe, "boot_args": "probe.cmd=hello" },
+            "drives": [],
+            "machine-config": { "vcpu_count": e.cpus, "mem_size_mib": e.memory_mib }
+        });
+        Some(
+            self.command(id, &config)
+                .and_then(|cmd| spawn_probe(cmd, "firecracker")),
+        )
+    }
+}
+
+impl Firecracker {
+    /// `firecracker` configured by `config`, written to a file for instance `id`.
+    fn command(&self, id: &str, config: &serde_json::Value) -> Result<Command, KindError> {
+        let path = self.env.scratch.join(format!("firecracker-{id}.json"));
         std::fs::write(&path, config.to_string()).map_err(|source| KindError::Write {
             path: path.clone(),
             source,
@@ -66,6 +86,6 @@ impl Kind for Firecracker {
             "--config-file",
         ])
         .arg(&path);
-        spawn(cmd, slot, true, "firecracker")
+        Ok(cmd)
     }
 }

@@ -94,6 +94,8 @@ pub struct Env {
     pub memory_mib: u64,
     /// Scratch directory of this bench run (sockets, bundles, configs).
     pub scratch: PathBuf,
+    /// wisp's test guest, for the VMMs' own start cost; `None` when it is not built.
+    pub probe: Option<PathBuf>,
 }
 
 impl Env {
@@ -162,7 +164,16 @@ pub trait Kind: Sync {
     fn guest_ram(&self) -> Option<(u64, Option<PathBuf>)> {
         None
     }
+    /// For a VMM that can boot wisp's probe guest: starts it with `probe.cmd=hello`
+    /// (instance `id`, no network), to time the VMM's own start to the guest's first
+    /// output ([`PROBE_MARKER`]), no kernel boot in it.
+    fn start_probe(&self, _probe: &Path, _id: &str) -> Option<Result<Instance, KindError>> {
+        None
+    }
 }
+
+/// The probe guest's first output.
+pub const PROBE_MARKER: &str = "probe: start";
 
 /// Whether `program` can be run (found on PATH and answering `arg`).
 pub(crate) fn runs_ok(program: &str, arg: &str) -> Result<(), String> {
@@ -197,6 +208,14 @@ pub fn detect(name: KindName, env: &Env) -> Result<Box<dyn Kind>, String> {
         KindName::Crun => Box::new(oci::Oci::new(env, "crun", KindName::Crun)?),
         KindName::QemuMicrovm => Box::new(qemu::QemuMicrovm::new(env, peer_kernel(env)?)?),
         KindName::Firecracker => Box::new(firecracker::Firecracker::new(env, peer_kernel(env)?)?),
+    })
+}
+
+/// Spawns `cmd` for a probe guest `what`, outside any slot.
+fn spawn_probe(cmd: Command, what: &str) -> Result<Instance, KindError> {
+    Instance::spawn(cmd, PROBE_MARKER).map_err(|source| KindError::Spawn {
+        what: what.to_string(),
+        source,
     })
 }
 

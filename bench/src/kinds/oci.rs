@@ -38,6 +38,17 @@ pub struct Oci {
     program: &'static str,
     name: KindName,
     version: String,
+    /// Run the runtime in a mount namespace of its own that shows the host's cgroup v2
+    /// hierarchy at /sys/fs/cgroup: crun refuses hybrid hosts (cgroup v1 controllers
+    /// next to a v2 hierarchy) but runs on the v2 part of them as on a v2 host.
+    unified_view: bool,
+}
+
+/// Whether the host mounts cgroup v1 next to a cgroup v2 hierarchy with controllers
+/// in it ("hybrid"), which crun refuses to manage.
+fn hybrid_cgroups() -> bool {
+    std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+        .is_ok_and(|c| !c.trim().is_empty())
 }
 
 impl Oci {
@@ -50,12 +61,32 @@ impl Oci {
             .and_then(|o| String::from_utf8(o.stdout).ok())
             .and_then(|t| t.lines().next().map(str::to_string))
             .unwrap_or_default();
+        let unified_view = program == "crun" && hybrid_cgroups();
         Ok(Self {
             env: env.clone(),
             program,
             name,
             version,
+            unified_view,
         })
+    }
+
+    /// A command running the runtime (see `unified_view`).
+    fn command(&self) -> Command {
+        if !self.unified_view {
+            return Command::new(self.program);
+        }
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind /sys/fs/cgroup/unified /sys/fs/cgroup && exec \"$0\" \"$@\"",
+            self.program,
+        ]);
+        cmd
     }
 
     fn container_id(id: &str) -> String {
@@ -115,7 +146,12 @@ impl Kind for Oci {
     }
 
     fn runs(&self) -> String {
-        format!("the host kernel; {}", self.version)
+        let note = if self.unified_view {
+            " (its cgroup in the v2 hierarchy of this hybrid-cgroup host)"
+        } else {
+            ""
+        };
+        format!("the host kernel; {}{note}", self.version)
     }
 
     fn start(&self, slot: &Slot, id: &str) -> Result<Instance, KindError> {
@@ -128,17 +164,15 @@ impl Kind for Oci {
         let pid_file = bundle.join("pid");
         let _ = std::fs::remove_file(&pid_file);
         // A container of an earlier, interrupted run with this id would be in the way.
-        let _ = Command::new(self.program)
-            .args(["delete", "--force", &cid])
-            .output();
-        let mut cmd = Command::new(self.program);
+        let _ = self.command().args(["delete", "--force", &cid]).output();
+        let mut cmd = self.command();
         cmd.args(["run", "-d", "--bundle"])
             .arg(&bundle)
             .arg("--pid-file")
             .arg(&pid_file)
             .arg(&cid);
         let mut inst = spawn(cmd, slot, false, self.program)?;
-        let mut delete = Command::new(self.program);
+        let mut delete = self.command();
         delete.args(["delete", "--force", &cid]);
         inst.on_stop(delete);
         if let Err(why) = inst.detach(&pid_file, Duration::from_secs(60)) {

@@ -1,12 +1,12 @@
 //! wisp itself: a cold boot of the workload guest, and a restore of a snapshot taken at
 //! its ready point (the start a serverless platform would use).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{spawn, Env, Kind, KindError, KindName, Ready};
+use super::{spawn, spawn_probe, Env, Kind, KindError, KindName, Ready};
 use crate::instance::Instance;
 use crate::netns::{Link, Slot, TAP};
 
@@ -57,6 +57,19 @@ impl Kind for Wisp {
 
     fn guest_ram(&self) -> Option<(u64, Option<PathBuf>)> {
         Some((self.env.memory_mib << 20, None))
+    }
+
+    fn start_probe(&self, probe: &Path, id: &str) -> Option<Result<Instance, KindError>> {
+        let e = &self.env;
+        let mut cmd = Command::new(&e.wisp);
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(probe)
+            .args(["--cpus", &e.cpus.to_string()])
+            .args(["--memory", &e.memory_mib.to_string()])
+            .args(["--name", &format!("bench-{id}")])
+            .args(["--cmdline", "probe.cmd=hello"]);
+        Some(spawn_probe(cmd, "wisp run"))
     }
 }
 
