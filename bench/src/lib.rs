@@ -218,6 +218,8 @@ struct Entry {
     samples: Vec<Sample>,
     density: Vec<DensitySample>,
     failed: Option<String>,
+    /// Why its density measurement failed (the single measurements go on).
+    density_failed: Option<String>,
 }
 
 /// Measures the kinds of `opts` and reports. Needs root.
@@ -304,6 +306,7 @@ fn run_in(
                 samples: Vec::new(),
                 density: Vec::new(),
                 failed: None,
+                density_failed: None,
             }),
             Err(note) => reports.push(KindReport::not_run(name, Status::Skipped, note, None)),
         }
@@ -341,7 +344,7 @@ fn run_in(
                 let name = e.kind.name().as_str();
                 let what = if phase == 0 { "measuring" } else { "density" };
                 progress.step(&format!("run {}/{}: {name}: {what}", run + 1, opts.runs));
-                if e.failed.is_some() {
+                if e.failed.is_some() || (phase == 1 && e.density_failed.is_some()) {
                     continue;
                 }
                 let id = format!("{name}-{run}");
@@ -350,9 +353,19 @@ fn run_in(
                     measure::single(e.kind.as_ref(), s, &id, opts.requests, env.probe.as_deref())
                         .map(|s| e.samples.push(s))
                 } else {
-                    measure::density(e.kind.as_ref(), &e.crowd, &format!("{id}-d"))
-                        .map(|d| e.density.push(d))
-                        .map_err(|why| format!("density: {why}"))
+                    match measure::density(e.kind.as_ref(), &e.crowd, &format!("{id}-d")) {
+                        Ok(d) => {
+                            e.density.push(d);
+                            Ok(())
+                        }
+                        Err(why) if !interrupted() => {
+                            progress.note(&format!("{name}: density failed: {why}"));
+                            e.density.clear();
+                            e.density_failed = Some(format!("density failed: {why}"));
+                            Ok(())
+                        }
+                        Err(why) => Err(why),
+                    }
                 };
                 if let Err(why) = result {
                     if interrupted() {
@@ -370,7 +383,11 @@ fn run_in(
         let name = e.kind.name();
         reports.push(match e.failed {
             Some(why) => KindReport::not_run(name, Status::Failed, why, Some(e.kind.runs())),
-            None => KindReport::measured(name, e.kind.runs(), &e.samples, &e.density),
+            None => {
+                let mut k = KindReport::measured(name, e.kind.runs(), &e.samples, &e.density);
+                k.note = e.density_failed;
+                k
+            }
         });
     }
     let settings = Settings {

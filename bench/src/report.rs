@@ -321,7 +321,8 @@ impl Report {
         let _ = writeln!(out, "\nwhat each kind ran:");
         for k in &self.kinds {
             let what = match (k.status, &k.note, &k.runs) {
-                (Status::Ok, _, Some(r)) => r.clone(),
+                (Status::Ok, Some(n), Some(r)) => format!("{r}; {n}"),
+                (Status::Ok, None, Some(r)) => r.clone(),
                 (Status::Skipped, Some(n), _) => format!("skipped: {n}"),
                 (Status::Failed, Some(n), _) => format!("FAILED: {n}"),
                 _ => String::new(),

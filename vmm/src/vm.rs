@@ -288,19 +288,54 @@ impl Vm {
 
     /// Builds the VM described by `config` on `kvm`, ready to boot its kernel.
     pub fn build(kvm: Kvm, config: &VmConfig, opts: BuildOptions) -> Result<Self, VmError> {
-        let mem_size = config.memory_mib << 20;
         let vm_fd = create_vm(&kvm)?;
-        let mem = memory::create(mem_size)?;
-        memory::register(&vm_fd, &mem)?;
+        let mem = memory::create(config.memory_mib << 20)?;
+        let start = opts.start;
+        // Registering the memory slot waits for KVM's SRCU grace period: milliseconds,
+        // mostly asleep. Loading the kernel and setting up devices and vCPUs does not
+        // need the slot (they write guest memory through wisp's own mapping), so they
+        // run meanwhile; no vCPU runs before both are done.
+        let (entry, wired, vcpus, guest_cpuid) = std::thread::scope(|s| {
+            let registering = s.spawn(|| memory::register(&vm_fd, &mem));
+            let rest = Self::prepare_boot(&kvm, &vm_fd, &mem, config, opts);
+            let registered = registering
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            registered?;
+            rest
+        })?;
+        Ok(Self::assemble(Parts {
+            kvm,
+            vm_fd,
+            mem,
+            config: config.clone(),
+            wired,
+            vcpus,
+            guest_cpuid,
+            entry: Some(entry),
+            start,
+        }))
+    }
 
-        let kernel = loader::load_kernel(&mem, mem_size, &config.kernel)?;
+    /// Everything of [`Vm::build`] but the memory slot: the kernel, initrd and boot
+    /// tables in guest memory, the devices, and the configured vCPUs (and the CPUID
+    /// they got).
+    fn prepare_boot(
+        kvm: &Kvm,
+        vm_fd: &VmFd,
+        mem: &GuestMemory,
+        config: &VmConfig,
+        opts: BuildOptions,
+    ) -> Result<(EntryPoint, Wired, Vec<Vcpu>, Vec<kvm_cpuid_entry2>), VmError> {
+        let mem_size = config.memory_mib << 20;
+        let kernel = loader::load_kernel(mem, mem_size, &config.kernel)?;
         let initrd = match &config.initrd {
-            Some(path) => Some(loader::load_initrd(&mem, mem_size, &kernel, path)?),
+            Some(path) => Some(loader::load_initrd(mem, mem_size, &kernel, path)?),
             None => None,
         };
         let wired = wire_devices(
-            &vm_fd,
-            &mem,
+            vm_fd,
+            mem,
             config,
             opts.start,
             opts.serial_output,
@@ -313,7 +348,7 @@ impl Vm {
             String::new()
         };
         let cmdline = cmdline::compose(&config.cmdline, opts.emulated_kernel_mode, &announce)?;
-        linux_loader::loader::load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
+        linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
             .map_err(VmError::CmdlineWrite)?;
         let cmdline_len = cmdline
             .as_cstring()
@@ -321,9 +356,9 @@ impl Vm {
             .unwrap_or(0);
         log::debug!("kernel cmdline: {:?}", cmdline.as_cstring());
 
-        mptable::setup(&mem, config.cpus)?;
+        mptable::setup(mem, config.cpus)?;
         let acpi_virtio: Vec<(u64, u32)> = slots.iter().map(|s| (s.base, s.gsi)).collect();
-        let rsdp = acpi::setup(&mem, config.cpus, &acpi_virtio)?;
+        let rsdp = acpi::setup(mem, config.cpus, &acpi_virtio)?;
         let info = BootInfo {
             mem_size,
             cmdline_len,
@@ -331,18 +366,18 @@ impl Vm {
             rsdp: Some(rsdp),
         };
         match kernel.entry {
-            EntryPoint::Pvh(_) => boot::write_pvh_start_info(&mem, &info)?,
-            EntryPoint::Linux64(_) => boot::write_boot_params(&mem, &info, kernel.header)?,
+            EntryPoint::Pvh(_) => boot::write_pvh_start_info(mem, &info)?,
+            EntryPoint::Linux64(_) => boot::write_boot_params(mem, &info, kernel.header)?,
         }
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let vcpus = create_vcpus(&kvm, &vm_fd, config.cpus, &wired, &mem)?;
+        let vcpus = create_vcpus(kvm, vm_fd, config.cpus, &wired, mem)?;
         let mut guest_cpuid = Vec::new();
         for vcpu in &vcpus {
             let cpuid = vcpu.configure(
-                &kvm,
+                kvm,
                 &supported,
                 config.cpus,
                 kernel.entry,
@@ -352,18 +387,8 @@ impl Vm {
                 guest_cpuid = cpuid.as_slice().to_vec();
             }
         }
-        wired.connect_serial(&vm_fd)?;
-        Ok(Self::assemble(Parts {
-            kvm,
-            vm_fd,
-            mem,
-            config: config.clone(),
-            wired,
-            vcpus,
-            guest_cpuid,
-            entry: Some(kernel.entry),
-            start: opts.start,
-        }))
+        wired.connect_serial(vm_fd)?;
+        Ok((kernel.entry, wired, vcpus, guest_cpuid))
     }
 
     /// How the kernel is entered (None for a restored VM).

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use vmm::host::kernel_mode_speed;
 use wisp_bench::kinds::KindName;
+use wisp_bench::report::Status;
 
 use super::open_checked_kvm;
 use super::run::{default_guest_dir, RUN_PROBE_ITERATIONS};
@@ -53,6 +54,9 @@ FIGURES (min / median / max over the runs, and the median's ratio to wisp's):
                 for wisp also its own share without guest RAM
   response      HTTP GET latency (p50, p99) over a TAP or veth
   density       --density instances started back to back: per second, memory each
+  VMM start     wisp and firecracker only: process start to the first output of wisp's
+                probe guest (target/guest/probe, no kernel boot), and the CPU until
+                then: what the VMM itself costs before the guest runs
   Each instance gets a network namespace of its own (10.77.0.1 <-> 10.77.0.2); runs
   go round the kinds so drift hits all alike. Timings are reported, never judged.
 
@@ -69,7 +73,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = count(1, 100))]
     runs: u64,
 
-    /// Print the report as JSON (schema wisp-bench/1) on stdout instead of the table.
+    /// Print the report as JSON (schema wisp-bench/1) on stdout; the table goes to
+    /// stderr.
     #[arg(long)]
     json: bool,
 
@@ -171,6 +176,8 @@ pub fn bench(args: BenchArgs) -> Result<u8> {
     };
     let report = wisp_bench::run(&opts)?;
     if args.json {
+        // The table still reaches the terminal, beside the progress.
+        eprint!("{}", report.to_table());
         println!("{}", report.to_json());
     } else {
         print!("{}", report.to_table());
@@ -179,6 +186,10 @@ pub fn bench(args: BenchArgs) -> Result<u8> {
         let svg = wisp_bench::chart::svg(&report)?;
         std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("bench: chart written to {}", path.display());
+    }
+    if !report.kinds.iter().any(|k| k.status == Status::Ok) {
+        eprintln!("wisp bench: no kind could be measured (the notes above say why)");
+        return Ok(1);
     }
     Ok(0)
 }
