@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build wisp's default Linux guest from Debian packages:
 #   target/guest/vmlinux            tiny, patched 6.1 kernel (ELF, PVH note)
+#   target/guest/bzImage            the same kernel as a bzImage (LZ4-compressed)
 #   target/guest/initramfs.cpio.gz  busybox-static + our nolibc /init
 #   target/guest/rootfs.ext4        the same files as an ext4 disk image (init at
 #                                   /sbin/init): wisp run --disk ... --cmdline root=/dev/vda
@@ -11,7 +12,7 @@
 #                                   id_ed25519.dropbear (for dbclient), host key
 # Cached: does nothing when the outputs were built from the same inputs.
 # WISP_GUEST_INT3_PATCH=1 also applies guest/kernel/optional/int3-selftest.patch
-# and writes target/guest/vmlinux-int3 instead of vmlinux (separate build directory;
+# and writes target/guest/vmlinux-int3 (and bzImage-int3) instead of vmlinux (separate build directory;
 # part of the cache key): the kernel other VMMs boot where kernel mode is emulated.
 # See guest/README.md.
 set -euo pipefail
@@ -29,12 +30,13 @@ BUILD=target/guest-build
 
 INT3=${WISP_GUEST_INT3_PATCH:-0}
 case "$INT3" in
-    0 | "") INT3=0; VARIANT=default; VMLINUX_NAME=vmlinux ;;
-    1) VARIANT=int3; VMLINUX_NAME=vmlinux-int3 ;;
+    0 | "") INT3=0; VARIANT=default; VMLINUX_NAME=vmlinux; BZIMAGE_NAME=bzImage ;;
+    1) VARIANT=int3; VMLINUX_NAME=vmlinux-int3; BZIMAGE_NAME=bzImage-int3 ;;
     *) echo "build-guest: WISP_GUEST_INT3_PATCH must be 0 or 1" >&2; exit 2 ;;
 esac
 
 VMLINUX=$OUT/$VMLINUX_NAME
+BZIMAGE=$OUT/$BZIMAGE_NAME
 
 step() { printf 'build-guest: %s\n' "$*"; }
 die() { printf 'build-guest: error: %s\n' "$*" >&2; exit 1; }
@@ -118,14 +120,21 @@ verify_config() {
     fi
 }
 
+# Copies this variant's build outputs into $OUT.
+install_kernel() {
+    cp "$KB/vmlinux.out" "$VMLINUX.tmp"
+    mv "$VMLINUX.tmp" "$VMLINUX"
+    cp "$KB/bzImage.out" "$BZIMAGE.tmp"
+    mv "$BZIMAGE.tmp" "$BZIMAGE"
+    echo "$KERNEL_KEY" >"$BUILD/$VMLINUX_NAME.key"
+}
+
 build_kernel() {
     mkdir -p "$KB"
     # This variant was already built from these inputs: just copy it.
-    if is_current "$KB/vmlinux.out" "$KB/vmlinux.key" "$KERNEL_KEY"; then
-        cp "$KB/vmlinux.out" "$VMLINUX.tmp"
-        mv "$VMLINUX.tmp" "$VMLINUX"
-        echo "$KERNEL_KEY" >"$BUILD/$VMLINUX_NAME.key"
-        step "kernel: $VMLINUX copied from $KB ($VARIANT)"
+    if is_current "$KB/vmlinux.out" "$KB/vmlinux.key" "$KERNEL_KEY" && [ -f "$KB/bzImage.out" ]; then
+        install_kernel
+        step "kernel: $VMLINUX and $BZIMAGE copied from $KB ($VARIANT)"
         return
     fi
     if ! is_current "$KSRC/Makefile" "$KB/src.key" "$SRC_KEY"; then
@@ -153,21 +162,20 @@ build_kernel() {
         echo "$cfg_key" >"$KB/config.key"
     fi
 
-    step "kernel: make -j$(nproc) vmlinux (log: $KB/build.log)"
+    step "kernel: make -j$(nproc) vmlinux bzImage (log: $KB/build.log)"
     run_logged "$KB/build.log" nice -n 10 make -C "$KSRC" -j"$(nproc)" \
         KBUILD_BUILD_USER=wisp KBUILD_BUILD_HOST=wisp \
-        KBUILD_BUILD_TIMESTAMP="Debian linux-source-6.1 ${KSRC_ID%% *}" vmlinux
+        KBUILD_BUILD_TIMESTAMP="Debian linux-source-6.1 ${KSRC_ID%% *}" vmlinux bzImage
     readelf -n "$KSRC/vmlinux" | grep -q 'Xen.*0x00000012' ||
         die "vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
     objcopy --strip-debug "$KSRC/vmlinux" "$KB/vmlinux.out"
+    cp "$KSRC/arch/x86/boot/bzImage" "$KB/bzImage.out"
     echo "$KERNEL_KEY" >"$KB/vmlinux.key"
-    cp "$KB/vmlinux.out" "$VMLINUX.tmp"
-    mv "$VMLINUX.tmp" "$VMLINUX"
-    echo "$KERNEL_KEY" >"$BUILD/$VMLINUX_NAME.key"
-    step "kernel: $VMLINUX ($(stat -c %s "$VMLINUX") bytes)"
+    install_kernel
+    step "kernel: $VMLINUX ($(stat -c %s "$VMLINUX") bytes), $BZIMAGE ($(stat -c %s "$BZIMAGE") bytes, LZ4)"
 }
 
-if is_current "$VMLINUX" "$BUILD/$VMLINUX_NAME.key" "$KERNEL_KEY"; then
+if is_current "$VMLINUX" "$BUILD/$VMLINUX_NAME.key" "$KERNEL_KEY" && [ -f "$BZIMAGE" ]; then
     step "kernel: up to date ($VARIANT)"
 else
     build_kernel

@@ -15,6 +15,7 @@ PKGS=(
     libssl-dev         # scripts/sign-file, extract-cert (host tools)
     perl python3       # kernel build scripts
     cpio gzip xz-utils # unpack source, pack initramfs
+    lz4                # compress the bzImage (CONFIG_KERNEL_LZ4)
     patch              # apply guest/kernel/patches
     binutils           # strip/objcopy
     e2fsprogs          # mke2fs -d: target/guest/rootfs.ext4
