@@ -183,15 +183,24 @@ fn peer_kernel(opts: &Options, wanted: bool, progress: &Progress) -> Option<Path
         return Some(opts.guest_dir.join("vmlinux"));
     }
     let variant = opts.guest_dir.join("vmlinux-int3");
-    if variant.is_file() || !wanted {
+    let Some(script) = opts.build_script.as_ref().filter(|_| wanted) else {
         return variant.is_file().then_some(variant);
-    }
-    let script = opts.build_script.as_ref()?;
+    };
+    // The build script is cached: with the variant up to date it only checks (and
+    // after a change to the kernel's inputs it rebuilds it, as for the default kernel).
     let log = opts.work_dir.join("build-kernel-int3.log");
-    progress.note(&format!(
-        "building the kernel QEMU and Firecracker need here (no int3 self-test; once, several minutes; log: {})",
-        log.display()
-    ));
+    if variant.is_file() {
+        progress.note(&format!(
+            "checking {} (rebuilt if the kernel's inputs changed; log: {})",
+            variant.display(),
+            log.display()
+        ));
+    } else {
+        progress.note(&format!(
+            "building the kernel QEMU and Firecracker need here (no int3 self-test; once, several minutes; log: {})",
+            log.display()
+        ));
+    }
     let out = std::fs::File::create(&log).ok()?;
     let err = out.try_clone().ok()?;
     let ok = Command::new(script)
