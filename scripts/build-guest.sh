@@ -5,6 +5,7 @@
 #   target/guest/initramfs.cpio.gz  busybox-static + our nolibc /init
 #   target/guest/rootfs.ext4        the same files as an ext4 disk image (init at
 #                                   /sbin/init): wisp run --disk ... --cmdline root=/dev/vda
+#   target/guest/image-init.cpio    PID 1 of `wisp run --image` guests
 #   target/guest/ssh.ext4           the guest's SSH server (dropbear), a read-only disk
 #                                   `wisp run` attaches to the default guest
 #   target/guest/ssh/               keys for the guest's SSH server:
@@ -182,17 +183,34 @@ else
 fi
 
 # ----------------------------------------------------------------- initramfs
-build_initramfs() {
-    local stage="$BUILD/initramfs" nolibc="$KSRC/tools/include/nolibc/nolibc.h"
-    if [ ! -f "$nolibc" ]; then
-        # Kernel is cached but its tree is gone: unpack just nolibc.
-        step "initramfs: unpacking nolibc from $KTAR"
+# Sets NOLIBC to the kernel's nolibc.h (unpacking just that when the kernel is cached
+# but its tree is gone).
+find_nolibc() {
+    NOLIBC="$KSRC/tools/include/nolibc/nolibc.h"
+    if [ ! -f "$NOLIBC" ]; then
+        NOLIBC="$BUILD/nolibc-src/tools/include/nolibc/nolibc.h"
+    fi
+    if [ ! -f "$NOLIBC" ]; then
+        step "unpacking nolibc from $KTAR"
         rm -rf "$BUILD/nolibc-src"
         mkdir -p "$BUILD/nolibc-src"
         tar -xf "$KTAR" -C "$BUILD/nolibc-src" --strip-components=1 \
             linux-source-6.1/tools/include/nolibc
-        nolibc="$BUILD/nolibc-src/tools/include/nolibc/nolibc.h"
     fi
+}
+
+# A static nolibc program: nolibc_cc OUT SOURCE.
+nolibc_cc() {
+    gcc -Os -static -nostdlib -fno-asynchronous-unwind-tables -fno-ident \
+        -fno-stack-protector -Wall -Wextra -Werror \
+        -Wl,--build-id=none -Wl,-z,noexecstack \
+        -include "$NOLIBC" -o "$1" "$2" -lgcc
+    strip "$1"
+}
+
+build_initramfs() {
+    local stage="$BUILD/initramfs"
+    find_nolibc
 
     step "initramfs: staging $stage"
     rm -rf "$stage"
@@ -202,11 +220,7 @@ build_initramfs() {
     cp -a "$INIT_DIR/rootfs/." "$stage/"
 
     step "initramfs: compiling /init (nolibc)"
-    gcc -Os -static -nostdlib -fno-asynchronous-unwind-tables -fno-ident \
-        -fno-stack-protector -Wall -Wextra -Werror \
-        -Wl,--build-id=none -Wl,-z,noexecstack \
-        -include "$nolibc" -o "$stage/init" "$INIT_DIR/init.c" -lgcc
-    strip "$stage/init"
+    nolibc_cc "$stage/init" "$INIT_DIR/init.c"
 
     cp /bin/busybox "$stage/bin/busybox"
     # Applet symlinks: those listed in guest/init/applets (ALL = every one).
@@ -285,6 +299,34 @@ if is_current "$OUT/initramfs.cpio.gz" "$BUILD/initramfs.key" "$INITRD_KEY" &&
     step "initramfs, ssh disk, rootfs: up to date"
 else
     build_initramfs
+fi
+
+# ------------------------------------------------------------- image init
+# PID 1 of `wisp run --image` guests, alone in an uncompressed cpio (wisp appends a
+# second cpio with the process to run): mounts the image's disk under an overlay and
+# runs the image's command. See guest/image-init/init.c.
+IMAGE_INIT_SRC=guest/image-init/init.c
+IMAGE_INIT_KEY=$(printf '%s\n%s\n%s\n' "$KSRC_ID" "$CC_ID" "$(key_of "$SCRIPT" "$IMAGE_INIT_SRC")" | key_of -)
+build_image_init() {
+    local stage="$BUILD/image-init"
+    find_nolibc
+    step "image init: compiling (nolibc)"
+    rm -rf "$stage"
+    mkdir -p "$stage"/{dev,proc,sys,lower,rw,newroot,wisp}
+    mknod -m 600 "$stage/dev/console" c 5 1 ||
+        step "image init: warning: cannot mknod /dev/console"
+    nolibc_cc "$stage/init" "$IMAGE_INIT_SRC"
+    find "$stage" -exec touch -h -d @0 {} +
+    (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio -o -H newc -R 0:0 --reproducible --quiet) >"$OUT/image-init.cpio.tmp"
+    mv "$OUT/image-init.cpio.tmp" "$OUT/image-init.cpio"
+    echo "$IMAGE_INIT_KEY" >"$BUILD/image-init.key"
+    step "image init: $OUT/image-init.cpio ($(stat -c %s "$OUT/image-init.cpio") bytes)"
+}
+if is_current "$OUT/image-init.cpio" "$BUILD/image-init.key" "$IMAGE_INIT_KEY"; then
+    step "image init: up to date"
+else
+    build_image_init
 fi
 
 # ------------------------------------------------------------- probe guest

@@ -9,7 +9,6 @@
 //! to wisp's; timings are reported, never judged.
 
 pub mod chart;
-mod cpio;
 pub mod http;
 mod instance;
 pub mod kinds;

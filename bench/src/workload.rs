@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::cpio::{self, Entry};
+use wisp_image::cpio::{self, Entry};
 
 /// What the init prints once httpd listens.
 pub const READY_MARKER: &str = "WISP-BENCH-READY";

@@ -62,6 +62,12 @@ enum Command {
     /// Measure microVMs next to containers and other VMMs on this machine, side by side:
     /// start time, CPU, memory, HTTP latency, density (needs root).
     Bench(BenchArgs),
+    /// (internal) Apply the image layer on stdin onto ROOT, chrooted there.
+    #[command(name = "__image-layer", hide = true)]
+    ImageLayer {
+        /// The staging root.
+        root: std::path::PathBuf,
+    },
 }
 
 /// A command-line error from clap as wisp's one line: clap's message with its listed
@@ -136,6 +142,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args, start),
         Command::Bench(args) => cli::bench::bench(args),
+        Command::ImageLayer { root } => wisp_image::convert::helper_main(&root)
+            .map(|()| 0)
+            .map_err(Into::into),
         Command::Doctor => control::doctor(),
         Command::Ls => control::ls(),
         Command::Status(t) => control::control(&t, vmm::api::Request::Status),

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod control;
+pub mod image;
 pub mod migrate;
 pub mod receive;
 pub mod restore;

@@ -116,6 +116,9 @@ pub struct RunArgs {
     /// /run/wisp/NAME.sock for root, else /tmp/wisp-$UID/NAME.sock.
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
+
+    #[command(flatten)]
+    image: super::image::ImageArgs,
 }
 
 /// Where the default guest lives: $WISP_GUEST_DIR, else target/guest next to the
@@ -162,10 +165,11 @@ fn resolve_kernel(args: &RunArgs) -> Result<Boot> {
         .cmdline
         .split_whitespace()
         .any(|w| w.starts_with("root="));
-    if let Some(initrd) = &args.initrd {
+    if args.initrd.is_some() || args.image.image.is_some() {
+        // An --image run gets its initramfs later (wisp's image init).
         return Ok(Boot {
             kernel,
-            initrd: Some(initrd.clone()),
+            initrd: args.initrd.clone(),
             ssh_disk: None,
         });
     }
@@ -220,11 +224,20 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
             id: SSH_DISK_ID.to_string(),
         });
     }
-    let nets = args
-        .net
+    let image_ref = args.image.image.clone();
+    if let Some(r) = &image_ref {
+        wisp_image::ImageRef::parse(r)?;
+    } else if !args.image.command.is_empty() {
+        bail!("a command after -- is for --image: name the image with --image REF");
+    }
+    let net_args = super::image::nets_with_publish(&args.net, &args.image.publish);
+    let nets = net_args
         .iter()
         .map(|n| config::parse_net(n))
         .collect::<Result<Vec<_>, _>>()?;
+    let user_net = nets
+        .iter()
+        .any(|n| matches!(n.backend, config::NetBackend::User(_)));
     let mut config = VmConfig {
         name,
         kernel,
@@ -237,6 +250,26 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
     };
     config.resolve_macs();
     config.validate(&limits)?;
+    // Everything else is checked: now the image (its conversion may take a while).
+    let image_boot = match &image_ref {
+        Some(r) => {
+            let work = vmm::api::runtime_dir()?;
+            let boot = super::image::prepare(
+                &args.image,
+                r,
+                &default_guest_dir(),
+                &work,
+                &config.name,
+                user_net,
+            )?;
+            config.initrd = Some(boot.initrd.clone());
+            config.disks.insert(0, boot.disk.clone());
+            config.cmdline = format!("{} {}", boot.cmdline, config.cmdline);
+            config.validate(&limits)?;
+            Some(boot)
+        }
+        None => None,
+    };
 
     // Before any thread exists: INT/TERM/HUP must reach the event loop's signalfd, so
     // wisp always stops the VM, reaps passt and restores the terminal.
@@ -261,7 +294,13 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
             start,
             serial_output: output,
         },
-    )?;
+    );
+    // The run's initramfs is in guest memory now (or the build failed).
+    let scratch = image_boot.map(|b| {
+        let _ = std::fs::remove_file(&b.initrd);
+        b.scratch_disk
+    });
+    let vm = vm?;
     log::debug!(
         "{}: {} vCPU(s), {} MiB, kernel {} ({:?})",
         config.name,
@@ -270,5 +309,9 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
         config.kernel.display(),
         vm.entry()
     );
-    run_vm(vm, console, api, &config.name, None)
+    let outcome = run_vm(vm, console, api, &config.name, None);
+    if let Some(Some(disk)) = scratch {
+        let _ = std::fs::remove_file(disk);
+    }
+    outcome
 }

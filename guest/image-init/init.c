@@ -1,0 +1,304 @@
+// SPDX-License-Identifier: MIT
+/*
+ * wisp image init (PID 1 of a `wisp run --image` guest).
+ *
+ * Built by scripts/build-guest.sh against Linux's header-only libc
+ * (tools/include/nolibc) into target/guest/image-init.cpio. wisp appends a
+ * second cpio holding /wisp/run, the process to start: pairs of NUL-ended
+ * strings, key then value:
+ *   disk     the image's ext4 disk (read-only), e.g. /dev/vda
+ *   arg      one argv word (repeated, in order; the first is the program)
+ *   env      one NAME=value (repeated)
+ *   cwd      working directory
+ *   uid, gid numeric user and group
+ *   hostname the guest's host name
+ *
+ * Order:
+ *   1. mount /proc, /sys, /dev; read /wisp/run;
+ *   2. mount the image disk read-only, a tmpfs for its writes, and an overlay of
+ *      the two at /newroot (the image on the host is never written);
+ *   3. /proc, /sys, /dev, /dev/pts, /dev/shm in it; /etc/resolv.conf from the
+ *      kernel's DHCP answer (/proc/net/pnp) if there is one;
+ *   4. the process: a session leader with the console as controlling tty,
+ *      chrooted into /newroot, in its working directory, as its user;
+ *   5. PID 1 forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1/2 to it and
+ *      reaps every zombie; when it exits, the VM ends with its status through
+ *      the debug-exit port (0x500): exit code N, or 128 + signal.
+ */
+
+#ifndef NOLIBC
+#error "build with -include tools/include/nolibc/nolibc.h"
+#endif
+
+#define EXIT_PORT 0x500
+#define MAX_WORDS 512
+#define RUN_FILE "/wisp/run"
+
+static char run_buf[256 * 1024];
+static char *args[MAX_WORDS + 1];
+static char *envs[MAX_WORDS + 1];
+static const char *disk = "/dev/vda", *cwd = "/", *hostname = "wisp";
+static long uid, gid;
+
+static void say(const char *s)
+{
+	write(2, s, strlen(s));
+}
+
+static void die_status(int status)
+{
+	unsigned short port = EXIT_PORT;
+	unsigned char val = status;
+
+	my_syscall0(__NR_sync);
+	if (my_syscall3(__NR_ioperm, EXIT_PORT, 1, 1) == 0)
+		__asm__ volatile("outb %0, %1" : : "a"(val), "Nd"(port));
+	/* no debug-exit port: power off (the status is lost) */
+	reboot(LINUX_REBOOT_CMD_POWER_OFF);
+	for (;;)
+		;
+}
+
+static void fail(const char *what, const char *arg)
+{
+	say("wisp-init: ");
+	say(what);
+	if (arg) {
+		say(" ");
+		say(arg);
+	}
+	say("\n");
+	die_status(125);
+}
+
+static long number(const char *s)
+{
+	long n = 0;
+
+	for (; *s >= '0' && *s <= '9'; s++)
+		n = n * 10 + (*s - '0');
+	return n;
+}
+
+static void read_run(void)
+{
+	int fd = open(RUN_FILE, O_RDONLY, 0), n, len = 0, na = 0, ne = 0;
+	char *p, *end, *key, *val;
+
+	if (fd < 0)
+		fail("no", RUN_FILE);
+	while ((n = read(fd, run_buf + len, sizeof(run_buf) - 1 - len)) > 0)
+		len += n;
+	close(fd);
+	run_buf[len] = 0;
+	p = run_buf;
+	end = run_buf + len;
+	while (p < end) {
+		key = p;
+		p += strlen(p) + 1;
+		if (p >= end)
+			break;
+		val = p;
+		p += strlen(p) + 1;
+		if (!strcmp(key, "arg") && na < MAX_WORDS)
+			args[na++] = val;
+		else if (!strcmp(key, "env") && ne < MAX_WORDS)
+			envs[ne++] = val;
+		else if (!strcmp(key, "cwd"))
+			cwd = val;
+		else if (!strcmp(key, "uid"))
+			uid = number(val);
+		else if (!strcmp(key, "gid"))
+			gid = number(val);
+		else if (!strcmp(key, "disk"))
+			disk = val;
+		else if (!strcmp(key, "hostname"))
+			hostname = val;
+	}
+	if (na == 0)
+		fail("no command in", RUN_FILE);
+}
+
+static void must_mount(const char *src, const char *dst, const char *type,
+		       unsigned long flags, const char *data)
+{
+	mkdir(dst, 0755);
+	if (mount(src, dst, type, flags, data) != 0)
+		fail("cannot mount", dst);
+}
+
+/* /proc/net/pnp ("nameserver X" lines, as resolv.conf has them) into the image */
+static void resolv_conf(void)
+{
+	char buf[1024];
+	int in = open("/proc/net/pnp", O_RDONLY, 0), out, n;
+
+	if (in < 0)
+		return;
+	n = read(in, buf, sizeof(buf));
+	close(in);
+	if (n <= 0)
+		return;
+	mkdir("/newroot/etc", 0755);
+	unlink("/newroot/etc/resolv.conf");
+	out = open("/newroot/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	if (out < 0)
+		return;
+	write(out, buf, n);
+	close(out);
+}
+
+/* the value of NAME in envs, or 0 */
+static const char *env_of(const char *name)
+{
+	int i, l = strlen(name);
+
+	for (i = 0; envs[i]; i++)
+		if (!strncmp(envs[i], name, l) && envs[i][l] == '=')
+			return envs[i] + l + 1;
+	return 0;
+}
+
+/* execve args[0], searched in PATH (of the process's env) when it has no '/' */
+static void exec_command(void)
+{
+	static char path[4096];
+	const char *dirs, *d;
+	int l;
+
+	if (strchr(args[0], '/')) {
+		execve(args[0], args, envs);
+		fail("cannot run", args[0]);
+	}
+	dirs = env_of("PATH");
+	if (!dirs)
+		dirs = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+	for (d = dirs; *d; d += l + (d[l] == ':')) {
+		l = 0;
+		while (d[l] && d[l] != ':')
+			l++;
+		if (l == 0 || l + 1 + strlen(args[0]) >= sizeof(path))
+			continue;
+		memcpy(path, d, l);
+		path[l] = '/';
+		strcpy(path + l + 1, args[0]);
+		execve(path, args, envs);
+	}
+	fail("command not found:", args[0]);
+}
+
+static pid_t start(const char *tty, unsigned long *mask)
+{
+	pid_t pid = fork();
+	int fd;
+
+	if (pid != 0)
+		return pid;
+	/* PID 1 blocked these for its signalfd; the process gets them as usual */
+	my_syscall4(__NR_rt_sigprocmask, SIG_UNBLOCK, mask, 0, sizeof(*mask));
+	setsid();
+	fd = open(tty, O_RDWR, 0);
+	if (fd >= 0) {
+		ioctl(fd, TIOCSCTTY, (void *)1);
+		dup2(fd, 0);
+		dup2(fd, 1);
+		dup2(fd, 2);
+		if (fd > 2)
+			close(fd);
+	}
+	if (chroot("/newroot") != 0)
+		fail("cannot chroot into", "/newroot");
+	if (chdir(cwd) != 0)
+		fail("no working directory", cwd);
+	if (my_syscall2(__NR_setgroups, 0, 0) != 0 ||
+	    my_syscall1(__NR_setgid, gid) != 0 || my_syscall1(__NR_setuid, uid) != 0)
+		fail("cannot become the image's user", 0);
+	exec_command();
+	return -1;
+}
+
+/* the device behind /dev/console (e.g. /dev/ttyS0), which can be a controlling tty */
+static void console_path(char *buf, int size)
+{
+	char tmp[64];
+	int fd, n, i, at = 0;
+
+	strcpy(buf, "/dev/console");
+	fd = open("/sys/class/tty/console/active", O_RDONLY, 0);
+	if (fd < 0)
+		return;
+	n = read(fd, tmp, sizeof(tmp) - 1);
+	close(fd);
+	while (n > 0 && (tmp[n - 1] == '\n' || tmp[n - 1] == ' '))
+		n--;
+	if (n <= 0)
+		return;
+	tmp[n] = 0;
+	for (i = 0; i < n; i++)
+		if (tmp[i] == ' ')
+			at = i + 1;
+	if (at < n && n - at + 6 < size) {
+		strcpy(buf, "/newroot/dev/");
+		strcpy(buf + 13, tmp + at);
+	}
+}
+
+int main(int argc, char **argv, char **envp)
+{
+	/* struct signalfd_siginfo is 128 bytes; ssi_signo is its first field */
+	unsigned int info[32];
+	unsigned long mask = 0;
+	static const int forward[] = { 1, 2, 3, 10, 12, 15 }; /* HUP INT QUIT USR1 USR2 TERM */
+	char tty[48];
+	pid_t child, r;
+	int sfd, status, i;
+
+	(void)argc; (void)argv; (void)envp;
+
+	mount("proc", "/proc", "proc", 0, 0);
+	mount("sysfs", "/sys", "sysfs", 0, 0);
+	mount("devtmpfs", "/dev", "devtmpfs", 0, 0);
+	read_run();
+
+	must_mount(disk, "/lower", "ext4", MS_RDONLY, 0);
+	must_mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755");
+	mkdir("/rw/upper", 0755);
+	mkdir("/rw/work", 0755);
+	must_mount("overlay", "/newroot", "overlay", 0,
+		   "lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work");
+	must_mount("proc", "/newroot/proc", "proc", 0, 0);
+	must_mount("sysfs", "/newroot/sys", "sysfs", MS_RDONLY, 0);
+	must_mount("devtmpfs", "/newroot/dev", "devtmpfs", 0, 0);
+	mkdir("/newroot/dev/pts", 0755);
+	mount("devpts", "/newroot/dev/pts", "devpts", 0, "gid=5,mode=620,ptmxmode=666");
+	mkdir("/newroot/dev/shm", 01777);
+	mount("tmpfs", "/newroot/dev/shm", "tmpfs", 0, "mode=1777");
+	resolv_conf();
+	my_syscall2(__NR_sethostname, hostname, strlen(hostname));
+
+	/* signals for PID 1 arrive on a signalfd: the ones to forward, and SIGCHLD */
+	for (i = 0; i < (int)(sizeof(forward) / sizeof(forward[0])); i++)
+		mask |= 1UL << (forward[i] - 1);
+	mask |= 1UL << (17 - 1);
+	my_syscall4(__NR_rt_sigprocmask, SIG_BLOCK, &mask, 0, sizeof(mask));
+	sfd = my_syscall4(__NR_signalfd4, -1, &mask, sizeof(mask), 0);
+
+	console_path(tty, sizeof(tty));
+	child = start(tty, &mask);
+	if (child < 0)
+		fail("cannot fork", 0);
+	for (;;) {
+		/* without a signalfd: block in wait4 (nothing is forwarded then) */
+		while ((r = wait4(-1, &status, sfd < 0 ? 0 : WNOHANG, 0)) > 0) {
+			if (r != child)
+				continue;
+			kill(-1, SIGKILL);
+			if (WIFEXITED(status))
+				die_status(WEXITSTATUS(status));
+			die_status(128 + (status & 0x7f));
+		}
+		if (sfd >= 0 && read(sfd, info, sizeof(info)) > 0 && info[0] != 17)
+			kill(child, info[0]);
+	}
+	return 0;
+}

@@ -1,0 +1,249 @@
+//! `wisp run --image`: images the tests write themselves (no network), as an OCI layout
+//! and as a `docker save` archive, with busybox for a userland. The layers' whiteouts,
+//! owners, modes and links, the image's config (Entrypoint, Cmd, Env, WorkingDir, User)
+//! and `-- CMD` are checked by what the process prints; its exit status is wisp's; the
+//! second run converts nothing and no run writes the cached disk. Bad images get one
+//! line each, before any boot.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{run_cmd, wisp, Output, TempDir};
+use wisp_image::fixture::{self, Item};
+
+/// A boot where guest kernel mode is emulated takes seconds.
+const RUN: Duration = Duration::from_secs(300);
+
+const APPLETS: [&str; 10] = [
+    "sh", "cat", "ls", "stat", "id", "pwd", "readlink", "touch", "httpd", "sleep",
+];
+
+/// The userland layer: busybox, its applets, a user `app` (1000:1001).
+fn base_layer() -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/install-deps.sh)");
+    let names: Vec<String> = APPLETS.iter().map(|a| format!("bin/{a}")).collect();
+    let mut items = vec![
+        Item::Dir("bin", 0o755),
+        Item::File("bin/busybox", &busybox, 0o755, 0),
+        Item::Dir("etc", 0o755),
+        Item::File(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:app:/home/app:/bin/sh\n",
+            0o644,
+            0,
+        ),
+        Item::File("etc/group", b"root:x:0:\napp:x:1001:\n", 0o644, 0),
+        Item::File("etc/gone", b"lower layer", 0o644, 0),
+        Item::Dir("opq", 0o755),
+        Item::File("opq/lower", b"hidden by the opaque marker", 0o644, 0),
+        Item::Dir("srv", 0o755),
+        Item::Dir("tmp", 0o1777),
+    ];
+    items.extend(names.iter().map(|n| Item::Symlink(n, "busybox")));
+    fixture::tar(&items).expect("tar")
+}
+
+/// The upper layer: a whiteout, an opaque directory, a setuid file of uid 1000, a
+/// symlink and a hard link.
+fn upper_layer() -> Vec<u8> {
+    fixture::tar(&[
+        Item::Whiteout("etc/gone"),
+        Item::Opaque("opq"),
+        Item::File("opq/upper", b"upper", 0o644, 0),
+        Item::File("srv/suid", b"#!/bin/sh\n", 0o4755, 1000),
+        Item::Symlink("srv/link", "suid"),
+        Item::HardLink("srv/hard", "srv/suid"),
+    ])
+    .expect("tar")
+}
+
+const SCRIPT: &str =
+    "echo pwd=$(pwd); echo id=$(id -u):$(id -g); echo env=$GREETING,$EXTRA,$HOSTNAME; \
+    test -e /etc/gone && echo gone=present || echo gone=absent; echo opq=$(ls /opq); \
+    echo suid=$(stat -c '%u:%g:%a' /srv/suid); echo link=$(readlink /srv/link); \
+    test $(stat -c %i /srv/hard) = $(stat -c %i /srv/suid) && echo hard=same; exit 7";
+
+fn image_config(layers: &[Vec<u8>]) -> Vec<u8> {
+    fixture::config(
+        serde_json::json!({
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": [SCRIPT],
+            "Env": ["PATH=/bin", "GREETING=hello"],
+            "WorkingDir": "/srv",
+            "User": "app",
+        }),
+        layers,
+    )
+}
+
+/// `wisp run --image REF ARGS...` with the test's image cache.
+fn run_image(cache: &Path, reference: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(wisp());
+    cmd.env("XDG_CACHE_HOME", cache)
+        .args(["run", "--image", reference, "--console", "stdio"])
+        .args(args);
+    run_cmd(cmd, b"", RUN)
+}
+
+fn lines(out: &Output) -> Vec<&str> {
+    out.stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .collect()
+}
+
+fn oci_image(dir: &TempDir) -> (PathBuf, String) {
+    let layers = vec![base_layer(), upper_layer()];
+    let stored = vec![fixture::gzip(&layers[0]).expect("gzip"), layers[1].clone()];
+    let layout = dir.0.join("layout");
+    fixture::oci_layout(&layout, "v1", &image_config(&layers), &stored).expect("layout");
+    let r = format!("oci:{}:v1", layout.display());
+    (layout, r)
+}
+
+#[test]
+fn an_oci_image_runs_with_its_layers_config_and_exit_status() {
+    let dir = TempDir::new("image-oci");
+    let cache = dir.0.join("cache");
+    let (_, reference) = oci_image(&dir);
+    let out = run_image(&cache, &reference, &["--env", "EXTRA=x", "--name", "img1"]);
+    assert_eq!(out.status, Some(7), "{out:#?}");
+    let got = lines(&out);
+    for want in [
+        "pwd=/srv",
+        "id=1000:1001",
+        "env=hello,x,img1",
+        "gone=absent",
+        "opq=upper",
+        "suid=1000:1000:4755",
+        "link=suid",
+        "hard=same",
+    ] {
+        assert!(got.contains(&want), "{want} missing: {out:#?}");
+    }
+    assert!(out.stderr.contains("image: layer 2/2"), "{}", out.stderr);
+}
+
+#[test]
+fn a_docker_archive_with_a_command_and_the_cache_that_nothing_writes() {
+    let dir = TempDir::new("image-archive");
+    let cache = dir.0.join("cache");
+    let layers = vec![base_layer(), upper_layer()];
+    let archive = dir.0.join("img.tar");
+    fixture::docker_archive(&archive, "test:v1", &image_config(&layers), &layers).expect("archive");
+    let reference = format!("docker-archive:{}", archive.display());
+    // `-- CMD` replaces Cmd; the Entrypoint (sh -c) stays.
+    let write = "touch /tmp/written && echo wrote; test -e /tmp/written && exit 3";
+    let first = run_image(&cache, &reference, &["--", write]);
+    assert_eq!(first.status, Some(3), "{first:#?}");
+    assert!(lines(&first).contains(&"wrote"), "{first:#?}");
+    assert!(first.stderr.contains("converted"), "{}", first.stderr);
+    let disk = std::fs::read_dir(cache.join("wisp/images"))
+        .expect("cache")
+        .flatten()
+        .map(|e| e.path().join("rootfs.ext4"))
+        .find(|p| p.is_file())
+        .expect("a cached disk");
+    let before = std::fs::read(&disk).expect("disk");
+    let check = "test -e /tmp/written && exit 4; echo clean; exit 0";
+    let second = run_image(&cache, &reference, &["--", check]);
+    assert_eq!(second.status, Some(0), "{second:#?}");
+    assert!(lines(&second).contains(&"clean"), "{second:#?}");
+    assert!(
+        !second.stderr.contains("image: layer") && !second.stderr.contains("converted"),
+        "the second run converted again: {}",
+        second.stderr
+    );
+    assert!(
+        std::fs::read(&disk).expect("disk") == before,
+        "a run wrote the cached disk"
+    );
+}
+
+/// A bad image: one line naming the problem, a non-zero exit, no boot.
+fn refused(cache: &Path, reference: &str, args: &[&str], want: &str) {
+    let out = run_image(cache, reference, args);
+    assert_eq!(out.status, Some(1), "{reference}: {out:#?}");
+    let errors = out.error_lines();
+    assert_eq!(errors.len(), 1, "{reference}: {}", out.stderr);
+    assert!(
+        errors[0].contains(want),
+        "{reference}: wanted {want:?} in {}",
+        errors[0]
+    );
+    assert!(out.stdout.is_empty(), "{reference} booted: {}", out.stdout);
+}
+
+#[test]
+fn bad_images_are_refused_in_one_line_before_any_boot() {
+    let dir = TempDir::new("image-bad");
+    let cache = dir.0.join("cache");
+    let (layout, _) = oci_image(&dir);
+    let missing = dir.0.join("nothing");
+    refused(
+        &cache,
+        &format!("oci:{}", missing.display()),
+        &[],
+        "not an OCI image layout",
+    );
+    refused(&cache, "alpine:3", &[], "oci:DIR[:TAG]");
+    refused(
+        &cache,
+        &format!("oci:{}:v9", layout.display()),
+        &[],
+        "no image tagged \"v9\"",
+    );
+    refused(
+        &cache,
+        &format!("docker-archive:{}", missing.display()),
+        &[],
+        "cannot read",
+    );
+
+    // A layer blob cut short: its digest no longer matches.
+    let corrupt = dir.0.join("corrupt");
+    let layers = vec![base_layer(), upper_layer()];
+    fixture::oci_layout(&corrupt, "v1", &image_config(&layers), &layers).expect("layout");
+    let blob = corrupt
+        .join("blobs/sha256")
+        .join(wisp_image::digest::sha256_of(&layers[1]));
+    let bytes = std::fs::read(&blob).expect("blob");
+    std::fs::write(&blob, &bytes[..bytes.len() / 2]).expect("truncate");
+    refused(
+        &cache,
+        &format!("oci:{}:v1", corrupt.display()),
+        &[],
+        "truncated",
+    );
+
+    // Another architecture, and no command at all.
+    let arm = String::from_utf8(image_config(&layers))
+        .expect("utf-8")
+        .replace("amd64", "arm64");
+    fixture::oci_layout(&dir.0.join("arm"), "v1", arm.as_bytes(), &layers).expect("layout");
+    refused(
+        &cache,
+        &format!("oci:{}:v1", dir.0.join("arm").display()),
+        &[],
+        "linux/arm64",
+    );
+    let bare = fixture::config(serde_json::json!({}), &layers);
+    fixture::oci_layout(&dir.0.join("bare"), "v1", &bare, &layers).expect("layout");
+    refused(
+        &cache,
+        &format!("oci:{}:v1", dir.0.join("bare").display()),
+        &[],
+        "give one after `--`",
+    );
+    assert!(
+        !cache.join("wisp/images").exists()
+            || std::fs::read_dir(cache.join("wisp/images"))
+                .expect("dir")
+                .flatten()
+                .all(|e| e.file_name().to_string_lossy().ends_with(".lock")),
+        "a refused image left a cache entry"
+    );
+}
