@@ -247,3 +247,62 @@ fn bad_images_are_refused_in_one_line_before_any_boot() {
         "a refused image left a cache entry"
     );
 }
+
+/// A port on 127.0.0.1 nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The body of `GET /` from 127.0.0.1:`port`, once something answers there.
+fn http_get(port: u16, limit: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            let mut body = String::new();
+            if s.read_to_string(&mut body).is_ok() && body.starts_with("HTTP/1.") {
+                return Some(body);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+#[test]
+fn a_service_in_an_image_is_reachable_through_publish() {
+    let dir = TempDir::new("image-publish");
+    let cache = dir.0.join("cache");
+    let (_, reference) = oci_image(&dir);
+    let port = free_port();
+    let api = dir.0.join("pub.sock");
+    let serve = "mkdir -p /tmp/www && echo published-page >/tmp/www/index.html && \
+                 exec httpd -f -p 8080 -h /tmp/www";
+    let mut s = common::Session::start_env(
+        &[
+            "run",
+            "--image",
+            &reference,
+            "--name",
+            "pub",
+            "--api",
+            common::arg(&api),
+            "--publish",
+            &format!("{port}:8080"),
+            "--",
+            serve,
+        ],
+        &[("XDG_CACHE_HOME", common::arg(&cache))],
+    );
+    let body = http_get(port, RUN);
+    s.poll(Duration::from_millis(100));
+    let body = body.unwrap_or_else(|| panic!("nothing answered on port {port}:\n{}", s.seen));
+    assert!(body.contains("published-page"), "{body}");
+    let stderr = common::stop_vm(s, &api, Duration::from_secs(60));
+    assert!(!stderr.contains("error"), "{stderr}");
+}
