@@ -306,3 +306,38 @@ fn a_service_in_an_image_is_reachable_through_publish() {
     let stderr = common::stop_vm(s, &api, Duration::from_secs(60));
     assert!(!stderr.contains("error"), "{stderr}");
 }
+
+#[test]
+fn an_unpacked_root_runs_with_the_command_given() {
+    let dir = TempDir::new("image-dir");
+    let root = dir.0.join("root");
+    std::fs::create_dir_all(&root).expect("root");
+    for layer in [base_layer(), upper_layer()] {
+        wisp_image::layer::apply(&root, &layer[..], "test").expect("unpack");
+    }
+    let reference = format!("dir:{}", root.display());
+    let bare = run_image(&dir.0.join("cache"), &reference, &[]);
+    assert_eq!(bare.status, Some(1), "{bare:#?}");
+    assert!(
+        bare.stderr.contains("give one after `--`"),
+        "{}",
+        bare.stderr
+    );
+    let out = run_image(
+        &dir.0.join("cache"),
+        &reference,
+        &["--", "/bin/sh", "-c", "echo dir-root $(id -u); exit 5"],
+    );
+    assert_eq!(out.status, Some(5), "{out:#?}");
+    assert!(lines(&out).contains(&"dir-root 0"), "{out:#?}");
+    // Packed for this run only: nothing cached, no disk left behind.
+    assert!(!dir.0.join("cache/wisp").exists());
+    let runtime_leftovers: Vec<_> = std::fs::read_dir("/run/wisp")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains(".rootfs.ext4"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(runtime_leftovers.is_empty(), "{runtime_leftovers:?}");
+}

@@ -79,6 +79,7 @@ pub fn ensure(
             took: t0.elapsed(),
         });
     }
+    remove_stale_partials(cache_dir, &image.id);
     let staging = cache_dir.join(format!("{}.partial-{}", image.id, std::process::id()));
     let result = build(image, &staging, helper, progress)
         .and_then(|()| fs::rename(&staging, &entry.dir).map_err(write_err(&entry.dir)));
@@ -91,6 +92,21 @@ pub fn ensure(
         converted: true,
         took: t0.elapsed(),
     })
+}
+
+/// Removes `<id>.partial-PID` directories of conversions that died (we hold the
+/// image's lock, so none of them is running).
+fn remove_stale_partials(cache_dir: &Path, id: &str) {
+    let prefix = format!("{id}.partial-");
+    let Ok(rd) = fs::read_dir(cache_dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let is_partial = e.file_name().to_string_lossy().starts_with(&prefix);
+        if is_partial && e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn mib(bytes: u64) -> String {

@@ -253,6 +253,18 @@ mod tests {
     }
 
     #[test]
+    fn a_zstd_layer_applies() {
+        let root = temp("zstd");
+        let tar = layer(&[("z/file", "zstd", F, 0o640, 7)]);
+        let packed = zstd::stream::encode_all(&tar[..], 3).unwrap();
+        let diff = apply(&root, &packed[..], "zstd").unwrap();
+        assert_eq!(diff, crate::digest::sha256_of(&tar));
+        let m = fs::metadata(root.join("z/file")).unwrap();
+        assert_eq!((m.permissions().mode() & 0o777, m.uid()), (0o640, 7));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn paths_out_of_the_root_are_refused() {
         let root = temp("escape");
         let mut b = tar::Builder::new(Vec::new());
