@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run wisp's benchmarks (reports, never pass/fail). Needs root for the network ones.
-#   scripts/bench.sh [network|snapshot|console|migrate] [-- OPTIONS]   (see tests/bench/*.rs)
+#   scripts/bench.sh [network|snapshot|console|migrate|image] [-- OPTIONS]   (see tests/bench/*.rs)
 # Numbers from hosts where guest kernel mode is emulated (see `wisp doctor`) say
 # nothing absolute about real hardware: compare ratios from the same run.
 set -euo pipefail
@@ -16,5 +16,6 @@ network) exec cargo bench --locked -q -p vmm --bench network -- "$@" ;;
 snapshot) exec cargo bench --locked -q -p vmm --bench snapshot -- "$@" ;;
 console) exec cargo bench --locked -q -p vmm --bench console -- "$@" ;;
 migrate) exec cargo bench --locked -q -p vmm --bench migrate -- "$@" ;;
-*) echo "bench: unknown benchmark '$which' (available: network, snapshot, console, migrate)" >&2; exit 2 ;;
+image) exec cargo bench --locked -q -p vmm --bench image -- "$@" ;;
+*) echo "bench: unknown benchmark '$which' (available: network, snapshot, console, migrate, image)" >&2; exit 2 ;;
 esac

@@ -7,6 +7,12 @@ use oci_spec::image::ImageConfiguration;
 
 use crate::ImageError;
 
+/// At most this many argv words, and as many variables: the guest's init has room
+/// for 512 of each (guest/image-init/init.c, MAX_WORDS).
+pub const MAX_WORDS: usize = 512;
+/// The largest `/wisp/run` the guest's init reads whole (its buffer is 256 KiB).
+pub const MAX_RUN_FILE: usize = 255 * 1024;
+
 /// PATH when the image sets none (Docker's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -173,6 +179,19 @@ pub fn resolve(
             "a command word, variable or directory holds a NUL byte".into(),
         ));
     }
+    if p.args.len() > MAX_WORDS || p.env.len() > MAX_WORDS {
+        return Err(bad(format!(
+            "{} command words and {} variables; wisp passes at most {MAX_WORDS} of each",
+            p.args.len(),
+            p.env.len()
+        )));
+    }
+    let size = run_file(&p, "/dev/vda", &over.hostname).len();
+    if size > MAX_RUN_FILE {
+        return Err(bad(format!(
+            "its command and environment take {size} bytes; wisp passes at most {MAX_RUN_FILE}"
+        )));
+    }
     Ok(p)
 }
 
@@ -286,6 +305,28 @@ mod tests {
         .unwrap();
         assert_eq!(p.env[0], format!("PATH={DEFAULT_PATH}"));
         assert_eq!(p.cwd, "/");
+    }
+
+    #[test]
+    fn more_words_than_the_guest_takes_are_refused() {
+        let c = config(serde_json::json!({}));
+        let many: Vec<String> = (0..=MAX_WORDS).map(|i| i.to_string()).collect();
+        let o = Overrides {
+            cmd: many,
+            ..over(&[], &[])
+        };
+        assert!(resolve(&c, &o, None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 512"));
+        let o = Overrides {
+            cmd: vec!["x".repeat(MAX_RUN_FILE)],
+            ..over(&[], &[])
+        };
+        assert!(resolve(&c, &o, None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("bytes"));
     }
 
     #[test]
