@@ -313,7 +313,7 @@ fn an_unpacked_root_runs_with_the_command_given() {
     let root = dir.0.join("root");
     std::fs::create_dir_all(&root).expect("root");
     for layer in [base_layer(), upper_layer()] {
-        wisp_image::layer::apply(&root, &layer[..], "test").expect("unpack");
+        wisp_image::layer::apply(&root, &layer[..], "test", u64::MAX).expect("unpack");
     }
     let reference = format!("dir:{}", root.display());
     let bare = run_image(&dir.0.join("cache"), &reference, &[]);

@@ -33,13 +33,14 @@ fn write_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
     }
 }
 
-/// Makes sure `image` is converted in `cache_dir`. `helper(root)` is the command that
-/// applies one layer, read from its stdin, onto `root` chrooted (see [`helper_main`]);
+/// Makes sure `image` is converted in `cache_dir`. `helper(root, limit)` is the command
+/// that applies one layer, read from its stdin, onto `root` chrooted, refusing it past
+/// `limit` uncompressed bytes (see [`helper_main`]);
 /// `progress` gets a line per step.
 pub fn ensure(
     image: &Image,
     cache_dir: &Path,
-    helper: &dyn Fn(&Path) -> Command,
+    helper: &dyn Fn(&Path, u64) -> Command,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Converted, ImageError> {
     let t0 = Instant::now();
@@ -116,7 +117,7 @@ fn mib(bytes: u64) -> String {
 fn build(
     image: &Image,
     staging: &Path,
-    helper: &dyn Fn(&Path) -> Command,
+    helper: &dyn Fn(&Path, u64) -> Command,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
     let _ = fs::remove_dir_all(staging);
@@ -192,7 +193,7 @@ fn check_blob(layer: &LayerBlob, name: &str) -> Result<(), ImageError> {
 }
 
 fn apply_in_helper(
-    helper: &dyn Fn(&Path) -> Command,
+    helper: &dyn Fn(&Path, u64) -> Command,
     root: &Path,
     layer: &LayerBlob,
     name: &str,
@@ -201,7 +202,7 @@ fn apply_in_helper(
         layer: name.to_string(),
         why,
     };
-    let mut child = helper(root)
+    let mut child = helper(root, unpack_limit(root))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -238,7 +239,7 @@ fn apply_in_helper(
 /// The helper's side: chroots into `root`, applies the layer on stdin there, and
 /// prints the SHA-256 of its uncompressed tar. Only for a process of its own (it
 /// changes the process's root).
-pub fn helper_main(root: &Path) -> Result<(), ImageError> {
+pub fn helper_main(root: &Path, limit: u64) -> Result<(), ImageError> {
     let c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes())
         .map_err(|_| ImageError::Convert("root path holds a NUL".into()))?;
     // SAFETY: chroot and chdir take a NUL-terminated path that outlives the calls.
@@ -251,13 +252,31 @@ pub fn helper_main(root: &Path) -> Result<(), ImageError> {
         )));
     }
     // The parent names the layer in its message; only the reason goes back to it.
-    let diff =
-        crate::layer::apply(Path::new("/"), io::stdin().lock(), "stdin").map_err(|e| match e {
+    let diff = crate::layer::apply(Path::new("/"), io::stdin().lock(), "stdin", limit).map_err(
+        |e| match e {
             ImageError::Layer { why, .. } => ImageError::Convert(why),
             other => other,
-        })?;
+        },
+    )?;
     println!("{diff}");
     Ok(())
+}
+
+/// How much one layer may unpack to: half the space free where `root` is (the packed
+/// disk needs about as much again).
+fn unpack_limit(root: &Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated and lives
+    // across the call.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return u64::MAX;
+        }
+        (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) / 2
+    }
 }
 
 /// Copies `root/rel` to `to` if it is a plain file reached through plain directories

@@ -48,6 +48,20 @@ fn relative(path: &Path) -> Result<Option<PathBuf>, String> {
     Ok((!out.as_os_str().is_empty()).then_some(out))
 }
 
+/// An error with the causes it wraps (the tar crate puts the reason in a cause).
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text = format!("{text}: {t}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// Removes what is at `path` (not following a symlink there).
 fn remove(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
@@ -58,17 +72,42 @@ fn remove(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Applies the tar stream `layer` (maybe compressed) onto `root`. `name` is for
-/// messages. Returns the SHA-256 (hex) of the uncompressed tar, to check against the
-/// layer's diff_id.
-pub fn apply(root: &Path, layer: impl Read, name: &str) -> Result<String, ImageError> {
+/// A reader that fails once more than `left` bytes came through (a layer that would
+/// unpack to more than the disk has room for).
+struct Limited<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            return Err(io::Error::other(format!(
+                "it unpacks to more than {} MiB, half the free space of the image cache",
+                self.limit >> 20
+            )));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Applies the tar stream `layer` (maybe compressed) onto `root`, refusing it once its
+/// uncompressed tar passes `limit` bytes. `name` is for messages. Returns the SHA-256
+/// (hex) of the uncompressed tar, to check against the layer's diff_id.
+pub fn apply(root: &Path, layer: impl Read, name: &str, limit: u64) -> Result<String, ImageError> {
     let bad = |why: String| ImageError::Layer {
         layer: name.to_string(),
         why,
     };
-    let io_bad = |what: &str, e: io::Error| bad(format!("{what}: {e}"));
-    let tar_stream =
-        Hashing::new(decompress(BufReader::new(layer)).map_err(|e| io_bad("reading", e))?);
+    let io_bad = |what: &str, e: io::Error| bad(format!("{what}: {}", with_causes(&e)));
+    let tar_stream = Hashing::new(Limited {
+        inner: decompress(BufReader::new(layer)).map_err(|e| io_bad("reading", e))?,
+        left: limit,
+        limit,
+    });
     let mut archive = tar::Archive::new(tar_stream);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
@@ -209,9 +248,9 @@ mod tests {
             ("opq/new", "n", F, 0o644, 0),
             ("etc/kept", "replaced", F, 0o600, 0),
         ]);
-        let d1 = apply(&root, &lower[..], "lower").unwrap();
+        let d1 = apply(&root, &lower[..], "lower", u64::MAX).unwrap();
         assert_eq!(d1, crate::digest::sha256_of(&lower));
-        apply(&root, &upper[..], "upper").unwrap();
+        apply(&root, &upper[..], "upper", u64::MAX).unwrap();
         assert!(!root.join("etc/gone").exists());
         assert_eq!(
             fs::read_to_string(root.join("etc/kept")).unwrap(),
@@ -234,14 +273,20 @@ mod tests {
     #[test]
     fn an_opaque_dir_keeps_what_its_own_layer_made_and_gzip_works() {
         let root = temp("opq");
-        apply(&root, &layer(&[("d/a", "a", F, 0o644, 0)])[..], "l1").unwrap();
+        apply(
+            &root,
+            &layer(&[("d/a", "a", F, 0o644, 0)])[..],
+            "l1",
+            u64::MAX,
+        )
+        .unwrap();
         let tar = layer(&[
             ("d/b", "b", F, 0o644, 0),
             ("d/.wh..wh..opq", "", F, 0o644, 0),
         ]);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         io::Write::write_all(&mut gz, &tar).unwrap();
-        let diff = apply(&root, &gz.finish().unwrap()[..], "l2").unwrap();
+        let diff = apply(&root, &gz.finish().unwrap()[..], "l2", u64::MAX).unwrap();
         assert_eq!(
             diff,
             crate::digest::sha256_of(&tar),
@@ -253,11 +298,21 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_past_the_limit_is_refused() {
+        let root = temp("limit");
+        let big = "x".repeat(64 << 10);
+        let tar = layer(&[("big", &big, F, 0o644, 0)]);
+        let e = apply(&root, &tar[..], "big", 16 << 10).unwrap_err();
+        assert!(e.to_string().contains("unpacks to more than"), "{e}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn a_zstd_layer_applies() {
         let root = temp("zstd");
         let tar = layer(&[("z/file", "zstd", F, 0o640, 7)]);
         let packed = zstd::stream::encode_all(&tar[..], 3).unwrap();
-        let diff = apply(&root, &packed[..], "zstd").unwrap();
+        let diff = apply(&root, &packed[..], "zstd", u64::MAX).unwrap();
         assert_eq!(diff, crate::digest::sha256_of(&tar));
         let m = fs::metadata(root.join("z/file")).unwrap();
         assert_eq!((m.permissions().mode() & 0o777, m.uid()), (0o640, 7));
@@ -276,7 +331,7 @@ mod tests {
         h.as_old_mut().name[..13].copy_from_slice(b"../escaped-by");
         h.set_cksum();
         b.append(&h, &b"x"[..]).unwrap();
-        let e = apply(&root, &b.into_inner().unwrap()[..], "evil").unwrap_err();
+        let e = apply(&root, &b.into_inner().unwrap()[..], "evil", u64::MAX).unwrap_err();
         assert!(e.to_string().contains("leaves the image's root"), "{e}");
         assert!(!root.parent().unwrap().join("escaped-by").exists());
         fs::remove_dir_all(&root).unwrap();

@@ -67,6 +67,8 @@ enum Command {
     ImageLayer {
         /// The staging root.
         root: std::path::PathBuf,
+        /// Refuse the layer past this many uncompressed bytes.
+        max_bytes: u64,
     },
 }
 
@@ -142,9 +144,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args, start),
         Command::Bench(args) => cli::bench::bench(args),
-        Command::ImageLayer { root } => wisp_image::convert::helper_main(&root)
-            .map(|()| 0)
-            .map_err(Into::into),
+        Command::ImageLayer { root, max_bytes } => {
+            wisp_image::convert::helper_main(&root, max_bytes)
+                .map(|()| 0)
+                .map_err(Into::into)
+        }
         Command::Doctor => control::doctor(),
         Command::Ls => control::ls(),
         Command::Status(t) => control::control(&t, vmm::api::Request::Status),

@@ -155,9 +155,9 @@ pub fn prepare(
             process::command(&image.config, &over)?;
             let cache = convert::default_cache();
             let exe = std::env::current_exe().context("cannot find the wisp binary")?;
-            let helper = |root: &Path| {
+            let helper = |root: &Path, limit: u64| {
                 let mut c = Command::new(&exe);
-                c.arg("__image-layer").arg(root);
+                c.arg("__image-layer").arg(root).arg(limit.to_string());
                 c
             };
             let done = convert::ensure(&image, &cache, &helper, &mut |line| log::info!("{line}"))?;
