@@ -26,6 +26,7 @@ FRAGMENT=guest/kernel/wisp.config
 PATCH_DIR=guest/kernel/patches
 INT3_PATCH=guest/kernel/optional/int3-selftest.patch
 INIT_DIR=guest/init
+GUEST_INCLUDE=guest/include   # headers shared by the guests' nolibc programs
 OUT=target/guest
 BUILD=target/guest-build
 
@@ -89,7 +90,7 @@ key_of() { sha256sum "$@" | sha256sum | cut -c1-32; }
 
 SRC_KEY=$(printf '%s\n%s\n%s\n' "$KSRC_ID" "$INT3" "$(key_of "${PATCHES[@]}")" | key_of -)
 KERNEL_KEY=$(printf '%s\n%s\n%s\n' "$SRC_KEY" "$CC_ID" "$(key_of "$SCRIPT" "$FRAGMENT")" | key_of -)
-mapfile -t INIT_FILES < <(find "$INIT_DIR" -type f | LC_ALL=C sort)
+mapfile -t INIT_FILES < <(find "$INIT_DIR" "$GUEST_INCLUDE" -type f | LC_ALL=C sort)
 INITRD_KEY=$(printf '%s\n%s\n%s\n%s\n' "$KSRC_ID" "$CC_ID" \
     "$(key_of "$SCRIPT" /bin/busybox /usr/sbin/dropbear "$SSH/host_ed25519" "$SSH/id_ed25519.pub" "${INIT_FILES[@]}")" \
     "$(cd "$INIT_DIR" && find . | LC_ALL=C sort | xargs stat -c '%n %a')" | key_of -)
@@ -204,7 +205,7 @@ nolibc_cc() {
     gcc -Os -static -nostdlib -fno-asynchronous-unwind-tables -fno-ident \
         -fno-stack-protector -Wall -Wextra -Werror \
         -Wl,--build-id=none -Wl,-z,noexecstack \
-        -include "$NOLIBC" -o "$1" "$2" -lgcc
+        -I "$GUEST_INCLUDE" -include "$NOLIBC" -o "$1" "$2" -lgcc
     strip "$1"
 }
 
@@ -306,7 +307,7 @@ fi
 # second cpio with the process to run): mounts the image's disk under an overlay and
 # runs the image's command. See guest/image-init/init.c.
 IMAGE_INIT_SRC=guest/image-init/init.c
-IMAGE_INIT_KEY=$(printf '%s\n%s\n%s\n' "$KSRC_ID" "$CC_ID" "$(key_of "$SCRIPT" "$IMAGE_INIT_SRC")" | key_of -)
+IMAGE_INIT_KEY=$(printf '%s\n%s\n%s\n' "$KSRC_ID" "$CC_ID" "$(key_of "$SCRIPT" "$IMAGE_INIT_SRC" "$GUEST_INCLUDE"/*)" | key_of -)
 build_image_init() {
     local stage="$BUILD/image-init"
     find_nolibc

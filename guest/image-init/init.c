@@ -30,6 +30,8 @@
 #error "build with -include tools/include/nolibc/nolibc.h"
 #endif
 
+#include "console_path.h"
+
 #define EXIT_PORT 0x500
 #define MAX_WORDS 512
 #define RUN_FILE "/wisp/run"
@@ -217,32 +219,6 @@ static pid_t start(const char *tty, unsigned long *mask)
 	return -1;
 }
 
-/* the device behind /dev/console (e.g. /dev/ttyS0), which can be a controlling tty */
-static void console_path(char *buf, int size)
-{
-	char tmp[64];
-	int fd, n, i, at = 0;
-
-	strcpy(buf, "/dev/console");
-	fd = open("/sys/class/tty/console/active", O_RDONLY, 0);
-	if (fd < 0)
-		return;
-	n = read(fd, tmp, sizeof(tmp) - 1);
-	close(fd);
-	while (n > 0 && (tmp[n - 1] == '\n' || tmp[n - 1] == ' '))
-		n--;
-	if (n <= 0)
-		return;
-	tmp[n] = 0;
-	for (i = 0; i < n; i++)
-		if (tmp[i] == ' ')
-			at = i + 1;
-	if (at < n && n - at + 6 < size) {
-		strcpy(buf, "/newroot/dev/");
-		strcpy(buf + 13, tmp + at);
-	}
-}
-
 int main(int argc, char **argv, char **envp)
 {
 	/* struct signalfd_siginfo is 128 bytes; ssi_signo is its first field */
@@ -283,7 +259,7 @@ int main(int argc, char **argv, char **envp)
 	my_syscall4(__NR_rt_sigprocmask, SIG_BLOCK, &mask, 0, sizeof(mask));
 	sfd = my_syscall4(__NR_signalfd4, -1, &mask, sizeof(mask), 0);
 
-	console_path(tty, sizeof(tty));
+	console_path(tty, sizeof(tty), "/newroot/dev/");
 	child = start(tty, &mask);
 	if (child < 0)
 		fail("cannot fork", 0);

@@ -21,6 +21,8 @@
 #error "build with -include tools/include/nolibc/nolibc.h"
 #endif
 
+#include "console_path.h"
+
 #define WISP_BOOT_PORT  0x501
 #define WISP_BOOT_VALUE 0x7b
 
@@ -52,37 +54,6 @@ static void boot_complete(void)
 		return;
 	}
 	__asm__ volatile("outb %0, %1" : : "a"(val), "Nd"(port));
-}
-
-/*
- * Find the device behind /dev/console (last name in
- * /sys/class/tty/console/active, e.g. "ttyS0"), so the shell gets a real
- * tty that can be its controlling terminal: /dev/console itself never
- * becomes one on open.  Falls back to /dev/console.
- */
-static void console_path(char *buf, int size)
-{
-	char tmp[64];
-	int fd, n, i, start = 0;
-
-	strcpy(buf, "/dev/console");
-	fd = open("/sys/class/tty/console/active", O_RDONLY, 0);
-	if (fd < 0)
-		return;
-	n = read(fd, tmp, sizeof(tmp) - 1);
-	close(fd);
-	if (n <= 0)
-		return;
-	while (n > 0 && (tmp[n - 1] == '\n' || tmp[n - 1] == ' '))
-		n--;
-	tmp[n] = 0;
-	for (i = 0; i < n; i++)
-		if (tmp[i] == ' ')
-			start = i + 1;
-	if (start >= n || n - start + 6 >= size)
-		return;
-	strcpy(buf, "/dev/");
-	strcpy(buf + 5, tmp + start);
 }
 
 static pid_t spawn(char *const argv[], const char *tty)
@@ -149,7 +120,7 @@ int main(int argc, char **argv, char **envp)
 	if (stat("/etc/init.d/rcS", &st) == 0)
 		wait_for(spawn(rcs_argv, 0));
 
-	console_path(tty, sizeof(tty));
+	console_path(tty, sizeof(tty), "/dev/");
 	for (;;) {
 		pid_t pid = spawn(sh_argv, tty);
 
