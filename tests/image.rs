@@ -17,8 +17,8 @@ use wisp_image::fixture::{self, Item};
 /// A boot where guest kernel mode is emulated takes seconds.
 const RUN: Duration = Duration::from_secs(300);
 
-const APPLETS: [&str; 10] = [
-    "sh", "cat", "ls", "stat", "id", "pwd", "readlink", "touch", "httpd", "sleep",
+const APPLETS: [&str; 11] = [
+    "sh", "cat", "ls", "stat", "id", "pwd", "readlink", "touch", "httpd", "sleep", "kill",
 ];
 
 /// The userland layer: busybox, its applets, a user `app` (1000:1001).
@@ -340,4 +340,46 @@ fn an_unpacked_root_runs_with_the_command_given() {
         })
         .unwrap_or_default();
     assert!(runtime_leftovers.is_empty(), "{runtime_leftovers:?}");
+}
+
+/// PID 1 forwards SIGTERM to the process; Ctrl-C on the console is SIGINT for it.
+#[test]
+fn signals_reach_the_process() {
+    let dir = TempDir::new("image-signals");
+    let root = dir.0.join("root");
+    std::fs::create_dir_all(&root).expect("root");
+    for layer in [base_layer(), upper_layer()] {
+        wisp_image::layer::apply(&root, &layer[..], "test", u64::MAX).expect("unpack");
+    }
+    let reference = format!("dir:{}", root.display());
+    // SIGTERM to PID 1 (the image's init), from inside: it goes on to the process.
+    let term = "trap 'echo got-term; exit 9' TERM; (sleep 1; kill -TERM 1) & \
+                sleep 60 & wait $!; echo no-signal";
+    let out = run_image(
+        &dir.0.join("cache"),
+        &reference,
+        &["--", "/bin/sh", "-c", term],
+    );
+    assert_eq!(out.status, Some(9), "{out:#?}");
+    assert!(lines(&out).contains(&"got-term"), "{out:#?}");
+
+    // Ctrl-C typed on the console: the process has the console as its terminal.
+    let mut s = common::Session::start_env(
+        &[
+            "run",
+            "--image",
+            &reference,
+            "--",
+            "/bin/sh",
+            "-c",
+            "trap 'echo got-int; exit 8' INT; echo waiting-for-int; while :; do sleep 1; done",
+        ],
+        &[("XDG_CACHE_HOME", common::arg(&dir.0.join("cache")))],
+    );
+    s.expect_from(0, "waiting-for-int", RUN);
+    s.feed(vec![0x03]).join().expect("feed");
+    let at = s.expect_from(0, "got-int", Duration::from_secs(60));
+    assert!(at > 0);
+    let (status, stderr) = s.wait(Duration::from_secs(60));
+    assert_eq!(status, Some(8), "{stderr}");
 }
