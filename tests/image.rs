@@ -326,20 +326,24 @@ fn an_unpacked_root_runs_with_the_command_given() {
     let out = run_image(
         &dir.0.join("cache"),
         &reference,
-        &["--", "/bin/sh", "-c", "echo dir-root $(id -u); exit 5"],
+        &[
+            "--name",
+            "dir-root-test",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo dir-root $(id -u); exit 5",
+        ],
     );
     assert_eq!(out.status, Some(5), "{out:#?}");
     assert!(lines(&out).contains(&"dir-root 0"), "{out:#?}");
-    // Packed for this run only: nothing cached, no disk left behind.
+    // Packed for this run only: nothing cached, and the run's disk is gone.
     assert!(!dir.0.join("cache/wisp").exists());
-    let runtime_leftovers: Vec<_> = std::fs::read_dir("/run/wisp")
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_name().to_string_lossy().contains(".rootfs.ext4"))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(runtime_leftovers.is_empty(), "{runtime_leftovers:?}");
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("wisp"))
+        .unwrap_or_else(|| PathBuf::from("/run/wisp"));
+    let disk = runtime.join("dir-root-test.rootfs.ext4");
+    assert!(!disk.exists(), "{} left behind", disk.display());
 }
 
 /// PID 1 forwards SIGTERM to the process; Ctrl-C on the console is SIGINT for it.
