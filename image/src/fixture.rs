@@ -149,13 +149,25 @@ pub fn oci_layout(dir: &Path, tag: &str, config_blob: &[u8], layers: &[Vec<u8>])
     fs::write(dir.join("index.json"), index.to_string())
 }
 
-/// Writes a `docker save` archive (the classic layout: `<id>.json`, `<n>/layer.tar`,
-/// `manifest.json`) at `file`, layers uncompressed.
+/// Writes a `docker save` archive at `file`, layers uncompressed: the classic layout
+/// (`<id>.json`, `<n>/layer.tar`, `manifest.json`).
 pub fn docker_archive(
     file: &Path,
     tag: &str,
     config_blob: &[u8],
     layers: &[Vec<u8>],
+) -> io::Result<()> {
+    docker_archive_as(file, tag, config_blob, layers, false)
+}
+
+/// [`docker_archive`], or with `blobs` the layout Docker 25 and later write: an OCI
+/// layout inside the tar (`blobs/sha256/<hex>`) that `manifest.json` points into.
+pub fn docker_archive_as(
+    file: &Path,
+    tag: &str,
+    config_blob: &[u8],
+    layers: &[Vec<u8>],
+    blobs: bool,
 ) -> io::Result<()> {
     let mut b = tar::Builder::new(fs::File::create(file)?);
     let mut add = |name: &str, data: &[u8]| -> io::Result<()> {
@@ -165,11 +177,19 @@ pub fn docker_archive(
         h.set_size(data.len() as u64);
         b.append_data(&mut h, name, data)
     };
-    let config_name = format!("{}.json", sha256_of(config_blob));
+    let config_name = if blobs {
+        format!("blobs/sha256/{}", sha256_of(config_blob))
+    } else {
+        format!("{}.json", sha256_of(config_blob))
+    };
     add(&config_name, config_blob)?;
     let mut names = Vec::new();
     for (i, l) in layers.iter().enumerate() {
-        let name = format!("layer{i}/layer.tar");
+        let name = if blobs {
+            format!("blobs/sha256/{}", sha256_of(l))
+        } else {
+            format!("layer{i}/layer.tar")
+        };
         add(&name, l)?;
         names.push(name);
     }

@@ -298,6 +298,39 @@ mod tests {
     }
 
     #[test]
+    fn xattrs_in_pax_headers_are_kept() {
+        let root = temp("xattr");
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("SCHILY.xattr.user.wisp", &b"kept"[..])])
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(F);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(1);
+        b.append_data(&mut h, "x", &b"x"[..]).unwrap();
+        apply(&root, &b.into_inner().unwrap()[..], "xattr", u64::MAX).unwrap();
+        let path =
+            std::ffi::CString::new(root.join("x").into_os_string().into_encoded_bytes()).unwrap();
+        let mut buf = [0u8; 16];
+        // SAFETY: lgetxattr writes at most buf.len() bytes into buf; both strings are
+        // NUL-terminated.
+        let n = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                c"user.wisp".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        assert_eq!(n, 4, "{}", io::Error::last_os_error());
+        assert_eq!(&buf[..4], b"kept");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn a_layer_past_the_limit_is_refused() {
         let root = temp("limit");
         let big = "x".repeat(64 << 10);

@@ -414,6 +414,44 @@ mod tests {
     }
 
     #[test]
+    fn a_docker_archive_with_blobs_is_checked_by_their_names() {
+        let d = temp("blobs");
+        let ls = layers();
+        let cfg = fixture::config(serde_json::json!({"Cmd": ["true"]}), &ls);
+        let file = d.join("new.tar");
+        fixture::docker_archive_as(&file, "x:v1", &cfg, &ls, true).unwrap();
+        let r = ImageRef::parse(&format!("docker-archive:{}", file.display())).unwrap();
+        let image = open(&r).unwrap();
+        assert_eq!(image.layers.len(), 2);
+        let want: Vec<Option<String>> = ls
+            .iter()
+            .map(|l| Some(crate::digest::sha256_of(l)))
+            .collect();
+        let got: Vec<Option<String>> = image.layers.iter().map(|l| l.digest.clone()).collect();
+        assert_eq!(got, want, "layer digests come from the blob names");
+        // A config whose bytes do not match its blob name is refused.
+        let other = fixture::config(serde_json::json!({"Cmd": ["false"]}), &ls);
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        let name = format!("blobs/sha256/{}", crate::digest::sha256_of(&cfg));
+        add(&name, &other);
+        let manifest = serde_json::json!([{ "Config": name, "Layers": [] }]).to_string();
+        add("manifest.json", manifest.as_bytes());
+        let bad = d.join("bad.tar");
+        fs::write(&bad, b.into_inner().unwrap()).unwrap();
+        let e = open(&ImageRef::parse(&format!("docker-archive:{}", bad.display())).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is corrupt"), "{e}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn missing_tags_corrupt_blobs_and_other_platforms_are_refused() {
         let d = temp("bad");
         let ls = layers();
