@@ -261,13 +261,7 @@ fn remove_stale_scratch(work_dir: &Path) {
     };
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("run-")
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !procfs::alive(pid) {
+        if name.strip_prefix("run-").is_some_and(procfs::gone) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

@@ -211,14 +211,8 @@ pub fn remove_stale() {
     };
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("wb")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !crate::procfs::alive(pid) {
+        let pid = name.strip_prefix("wb").and_then(|r| r.split('-').next());
+        if pid.is_some_and(crate::procfs::gone) {
             let _ = ip(&["netns", "del", &name]);
         }
     }

@@ -59,6 +59,14 @@ impl Stat {
     }
 }
 
+/// Whether `pid_text` names a process other than this one that no longer exists (whose
+/// leftovers may go).
+pub fn gone(pid_text: &str) -> bool {
+    pid_text
+        .parse::<u32>()
+        .is_ok_and(|pid| pid != std::process::id() && !alive(pid))
+}
+
 /// CPU time (user + system, ms) of `pids` and of the children they have reaped: what
 /// the instance's processes have spent since they started. A process's own time is the
 /// nanosecond run time of its live threads (schedstat), unless the clock-tick count,
@@ -174,6 +182,14 @@ pub fn alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_other_dead_processes_are_gone() {
+        assert!(!gone(&std::process::id().to_string()));
+        assert!(!gone("1"));
+        assert!(!gone("not-a-pid"));
+        assert!(gone("4194305"), "above the largest pid Linux hands out");
+    }
 
     #[test]
     fn stat_with_a_tricky_command_name() {

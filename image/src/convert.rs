@@ -279,22 +279,26 @@ fn unpack_limit(root: &Path) -> u64 {
     }
 }
 
-/// Copies `root/rel` to `to` if it is a plain file reached through plain directories
-/// (never through a symlink, which could point anywhere on the host).
-fn copy_plain_file(root: &Path, rel: &str, to: &Path) -> Result<(), ImageError> {
+/// The contents of `root/rel` (at most 4 MiB) if it is a plain file reached through
+/// plain directories: never through a symlink, which could point anywhere on the host.
+pub fn read_plain(root: &Path, rel: &str) -> Option<Vec<u8>> {
     let mut p = root.to_path_buf();
     for part in rel.split('/') {
         p.push(part);
-        match fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => return Ok(()),
-            Ok(_) => {}
-            Err(_) => return Ok(()),
+        if fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
+            return None;
         }
     }
-    if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() < (4 << 20)) {
-        fs::copy(&p, to).map_err(write_err(to))?;
+    let m = fs::symlink_metadata(&p).ok()?;
+    (m.is_file() && m.len() < (4 << 20)).then(|| fs::read(&p).ok())?
+}
+
+/// Copies `root/rel` to `to` if [`read_plain`] reads it.
+fn copy_plain_file(root: &Path, rel: &str, to: &Path) -> Result<(), ImageError> {
+    match read_plain(root, rel) {
+        Some(bytes) => fs::write(to, bytes).map_err(write_err(to)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Bytes in regular files and the number of inodes under `root` (not following links).

@@ -94,16 +94,9 @@ pub fn nets_with_publish(nets: &[String], publish: &[(u16, u16)]) -> Vec<String>
     nets
 }
 
-/// A plain file of `root` (reached without following symlinks), for /etc/passwd.
+/// A plain file of `root` as text (see [`convert::read_plain`]), for /etc/passwd.
 fn read_plain(root: &Path, rel: &str) -> Option<String> {
-    let mut p = root.to_path_buf();
-    for part in rel.split('/') {
-        p.push(part);
-        if std::fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
-            return None;
-        }
-    }
-    std::fs::read_to_string(p).ok()
+    convert::read_plain(root, rel).and_then(|b| String::from_utf8(b).ok())
 }
 
 /// Converts (or finds converted) the image and writes the run's initramfs to
