@@ -40,6 +40,13 @@ fn not_a_kernel() {
     let dir = TempDir::new("notkernel");
     let f = dir.file("vmlinux", b"#!/bin/sh\necho this is not a kernel\n");
     assert_one_line_error(&["run", "--kernel", f.to_str().unwrap()], "is not a kernel");
+    // Refused before the host's kernel-mode speed is looked at (and logged): one line.
+    let out = wisp_run(
+        &["run", "--kernel", f.to_str().unwrap()],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
 }
 
 #[test]

@@ -185,12 +185,15 @@ fn image_extent(file: &mut File, format: &Format, head: &[u8]) -> Option<u64> {
     }
 }
 
-/// Loads the kernel at `path` into `mem` (of `mem_size` bytes).
-pub fn load_kernel<M: GuestMemoryBackend>(
-    mem: &M,
-    mem_size: u64,
-    path: &Path,
-) -> Result<LoadedKernel, LoaderError> {
+/// Checks that `path` is a kernel wisp can boot (its format, a 64-bit entry, not cut
+/// short) without loading it: `wisp run` asks before anything slow or noisy.
+pub fn check_kernel(path: &Path) -> Result<(), LoaderError> {
+    open_kernel(path).map(drop)
+}
+
+/// Opens the kernel at `path` and checks its headers: the file at its start, and its
+/// format.
+fn open_kernel(path: &Path) -> Result<(File, Format), LoaderError> {
     let mut file = host_file::open_regular(path).map_err(read_err("kernel", path))?;
     let mut head = Vec::with_capacity(HEADER_PROBE_LEN);
     (&mut file)
@@ -211,6 +214,16 @@ pub fn load_kernel<M: GuestMemoryBackend>(
     }
     file.seek(SeekFrom::Start(0))
         .map_err(read_err("kernel", path))?;
+    Ok((file, format))
+}
+
+/// Loads the kernel at `path` into `mem` (of `mem_size` bytes).
+pub fn load_kernel<M: GuestMemoryBackend>(
+    mem: &M,
+    mem_size: u64,
+    path: &Path,
+) -> Result<LoadedKernel, LoaderError> {
+    let (mut file, format) = open_kernel(path)?;
     let load_err = |source| LoaderError::Load {
         path: path.to_path_buf(),
         mem_mib: mem_size >> 20,

@@ -202,7 +202,7 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
         initrd,
         ssh_disk,
     } = resolve_kernel(&args)?;
-    check_readable("kernel", &kernel)?;
+    vmm::loader::check_kernel(&kernel)?;
     if let Some(i) = &initrd {
         check_readable("initrd", i)?;
     }
