@@ -15,7 +15,7 @@ use serde_json::Value;
 fn bad_options_are_refused_up_front() {
     let dir = TempDir::new("bench-bad");
     let svg_in_missing_dir = dir.0.join("no/such/dir/chart.svg");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["bench", "--only", "wisp,docker-desktop"], "unknown kind"),
         (&["bench", "--runs", "0"], "expected a whole number from 1"),
         (
@@ -27,6 +27,14 @@ fn bad_options_are_refused_up_front() {
             "does not exist",
         ),
         (&["bench", "--svg", arg(&dir.0)], "is a directory"),
+        (
+            &["bench", "--image", "dir:/srv"],
+            "takes oci:DIR[:TAG] or docker-archive:FILE",
+        ),
+        (
+            &["bench", "--", "echo"],
+            "a command after -- is for --image",
+        ),
     ];
     for (args, want) in cases {
         let t0 = Instant::now();
@@ -214,4 +222,62 @@ fn the_balance_check_can_fail() {
     check_balanced("<svg><g/><text a=\"1\">x</text></svg>");
     let bad = std::panic::catch_unwind(|| check_balanced("<svg><g></svg>"));
     assert!(bad.is_err());
+}
+
+/// `--image`: an image's command as a microVM and as containers on the same disk.
+#[test]
+fn an_image_runs_as_a_microvm_and_as_containers() {
+    use wisp_image::fixture::{self, Item};
+    let dir = TempDir::new("bench-image");
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
+    let layer = fixture::tar(&[
+        Item::Dir("bin", 0o755),
+        Item::File("bin/busybox", &busybox, 0o755, 0),
+        Item::Symlink("bin/sh", "busybox"),
+        Item::Symlink("bin/echo", "busybox"),
+    ])
+    .expect("tar");
+    let config = fixture::config(
+        serde_json::json!({ "Cmd": ["/bin/sh", "-c", "echo bench-image-ran"] }),
+        std::slice::from_ref(&layer),
+    );
+    fixture::oci_layout(&dir.0.join("layout"), "v1", &config, &[layer]).expect("layout");
+    let reference = format!("oci:{}:v1", dir.0.join("layout").display());
+    let mut cmd = std::process::Command::new(common::wisp());
+    cmd.env("XDG_CACHE_HOME", dir.0.join("cache")).args([
+        "bench",
+        "--image",
+        &reference,
+        "--only",
+        "wisp,runc",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    let out = common::run_cmd(cmd, b"", Duration::from_secs(600));
+    assert_eq!(out.status, Some(0), "{out:#?}");
+    let report: Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:#?}"));
+    assert_eq!(report["settings"]["image"], reference.as_str());
+    for name in ["wisp", "runc"] {
+        let k = kind(&report, name);
+        assert_eq!(k["status"], "ok", "{name}: {}", k["note"]);
+        assert_eq!(k["note"], "exit status 0", "{name}");
+        for key in ["image_first_output_ms", "image_exit_ms", "image_cpu_ms"] {
+            check_summary(k, key, 1);
+        }
+        let first = figure(k, "image_first_output_ms")["median"].as_f64();
+        let exit = figure(k, "image_exit_ms")["median"].as_f64();
+        assert!(
+            first <= exit,
+            "{name}: first output {first:?} after exit {exit:?}"
+        );
+        assert!(
+            k["figures"]["start_ms"].is_null(),
+            "{name}: workload figures in image mode"
+        );
+    }
+    // The containers' mounts are gone.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    assert!(!mounts.contains("target/bench/run-"), "{mounts}");
 }

@@ -219,6 +219,29 @@ fn bad_images_are_refused_in_one_line_before_any_boot() {
         "truncated",
     );
 
+    // A layer blob of the right size with one byte changed: a digest mismatch.
+    let flipped = dir.0.join("flipped");
+    fixture::oci_layout(&flipped, "v1", &image_config(&layers), &layers).expect("layout");
+    let blob = flipped
+        .join("blobs/sha256")
+        .join(wisp_image::digest::sha256_of(&layers[1]));
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    bytes[600] ^= 0xff;
+    std::fs::write(&blob, &bytes).expect("write");
+    refused(
+        &cache,
+        &format!("oci:{}:v1", flipped.display()),
+        &[],
+        "is corrupt: its digest is",
+    );
+    // A REF that cannot be read as what it says it is.
+    refused(
+        &cache,
+        &format!("docker-archive:{}", dir.0.display()),
+        &[],
+        "is a directory",
+    );
+
     // Another architecture, and no command at all.
     let arm = String::from_utf8(image_config(&layers))
         .expect("utf-8")

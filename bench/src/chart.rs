@@ -56,7 +56,8 @@ pub fn svg(report: &Report) -> Result<String, ChartError> {
         header
             .draw_text(
                 &format!(
-                    "wisp bench: {} run{} per kind, VMs {} vCPU / {} MiB, bars are medians, lines min..max",
+                    "wisp bench{}: {} run{} per kind, VMs {} vCPU / {} MiB, bars are medians, lines min..max",
+                    st.image.as_deref().map(|i| format!(" --image {i}")).unwrap_or_default(),
                     st.runs,
                     if st.runs == 1 { "" } else { "s" },
                     st.vm_cpus,
@@ -184,6 +185,9 @@ fn short_title(key: &str) -> &'static str {
         "memory_mib" => "memory, idle (PSS)",
         "vmm_own_mib" => "VMM's own memory",
         "vmm_start_ms" => "VMM start, probe guest",
+        "image_first_output_ms" => "image: first output",
+        "image_exit_ms" => "image: start to exit",
+        "image_cpu_ms" => "image: CPU until exit",
         "vmm_start_cpu_ms" => "VMM start CPU, probe guest",
         "http_p50_ms" => "HTTP latency p50",
         "http_p99_ms" => "HTTP latency p99",
@@ -236,6 +240,7 @@ mod tests {
                 density: 2,
                 vm_cpus: 1,
                 vm_memory_mib: 256,
+                image: None,
             },
             vec![
                 KindReport::measured(KindName::Wisp, "k".into(), &[s(5000.0), s(7000.0)], &d),

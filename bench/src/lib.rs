@@ -10,6 +10,7 @@
 
 pub mod chart;
 pub mod http;
+pub mod image_mode;
 mod instance;
 pub mod kinds;
 mod measure;
@@ -61,11 +62,17 @@ pub struct Options {
     /// `scripts/build-guest.sh`, to build the kernel other VMMs need where kernel mode
     /// is emulated; `None` when it is not there.
     pub build_script: Option<PathBuf>,
+    /// `--image`: run this image's command instead of the workload (see
+    /// [`image_mode`]).
+    pub image: Option<image_mode::ImageWorkload>,
 }
 
 /// The bench could not run at all (a kind that fails is reported, not an error).
 #[derive(Debug, Error)]
 pub enum BenchError {
+    /// The image bench could not set up (mounting the image's disk).
+    #[error("wisp bench --image: {0}")]
+    Image(String),
     /// Namespaces, TAPs and containers need root.
     #[error("wisp bench needs root (it creates network namespaces, TAPs and containers): run it with sudo")]
     NotRoot,
@@ -243,6 +250,9 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     catch_signals();
     netns::remove_stale();
     remove_stale_scratch(&opts.work_dir);
+    if let Some(image) = &opts.image {
+        return run_image(opts, image);
+    }
     let workload = workload::prepare(&opts.busybox, &opts.work_dir)?;
     let scratch = opts.work_dir.join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|source| BenchError::Scratch {
@@ -252,6 +262,32 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     let result = run_in(opts, kernel, workload, scratch.clone());
     let _ = std::fs::remove_dir_all(&scratch);
     result
+}
+
+/// The image bench: the image's command under each kind, in a scratch directory.
+fn run_image(opts: &Options, image: &image_mode::ImageWorkload) -> Result<Report, BenchError> {
+    let scratch = opts.work_dir.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|source| BenchError::Scratch {
+        path: scratch.clone(),
+        source,
+    })?;
+    let mut progress = Progress {
+        done: 0,
+        total: 0,
+        bar: io::stderr().is_terminal(),
+    };
+    let result = image_mode::run(opts, image, &scratch, &mut progress);
+    progress.finish();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let settings = Settings {
+        runs: opts.runs,
+        requests: 0,
+        density: 0,
+        vm_cpus: opts.cpus,
+        vm_memory_mib: opts.memory_mib,
+        image: Some(image.reference.clone()),
+    };
+    Ok(Report::new(host(opts.emulated_mips), settings, result?))
 }
 
 /// Removes the scratch directories of bench processes that no longer exist.
@@ -398,6 +434,7 @@ fn run_in(
         density: opts.density,
         vm_cpus: opts.cpus,
         vm_memory_mib: opts.memory_mib,
+        image: None,
     };
     Ok(Report::new(host(opts.emulated_mips), settings, reports))
 }

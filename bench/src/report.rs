@@ -27,7 +27,7 @@ pub struct Figure {
 }
 
 /// Every figure, in report order.
-pub const FIGURES: [Figure; 10] = [
+pub const FIGURES: [Figure; 13] = [
     Figure {
         key: "start_ms",
         title: "start: process start to ready (wisp-restore: to its first HTTP answer)",
@@ -83,6 +83,24 @@ pub const FIGURES: [Figure; 10] = [
         higher_is_better: true,
     },
     Figure {
+        key: "image_first_output_ms",
+        title: "image: process start to the command's first output",
+        unit: "ms",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "image_exit_ms",
+        title: "image: process start to the command's exit",
+        unit: "ms",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "image_cpu_ms",
+        title: "image: user + system time of all the processes until the exit",
+        unit: "ms",
+        higher_is_better: false,
+    },
+    Figure {
         key: "density_mib_per_instance",
         title: "density: PSS of all of them, idle, per instance",
         unit: "MiB",
@@ -118,6 +136,8 @@ pub struct Settings {
     pub vm_cpus: u32,
     /// RAM of each VM, MiB.
     pub vm_memory_mib: u64,
+    /// `--image REF`: the image whose command was run, instead of the workload.
+    pub image: Option<String>,
 }
 
 /// Whether a kind was measured.
@@ -158,6 +178,22 @@ impl KindReport {
             note: Some(note),
             runs,
             figures: BTreeMap::new(),
+            ratios: BTreeMap::new(),
+        }
+    }
+
+    /// A measured kind with figures measured elsewhere (the image bench).
+    pub fn with_figures(
+        kind: KindName,
+        runs: String,
+        figures: BTreeMap<&'static str, Summary>,
+    ) -> Self {
+        Self {
+            kind,
+            status: Status::Ok,
+            note: None,
+            runs: Some(runs),
+            figures,
             ratios: BTreeMap::new(),
         }
     }
@@ -274,10 +310,16 @@ impl Report {
     /// The report as a table for the terminal.
     pub fn to_table(&self) -> String {
         let st = &self.settings;
-        let mut out = format!(
-            "wisp bench: {} run(s) per kind, interleaved; VMs with {} vCPU, {} MiB; {} HTTP requests per run; density {}\nhost: {}\n",
-            st.runs, st.vm_cpus, st.vm_memory_mib, st.requests, st.density, self.host_line()
-        );
+        let mut out = match &st.image {
+            Some(image) => format!(
+                "wisp bench --image {image}: {} run(s) per kind, interleaved; VMs with {} vCPU, {} MiB\nhost: {}\n",
+                st.runs, st.vm_cpus, st.vm_memory_mib, self.host_line()
+            ),
+            None => format!(
+                "wisp bench: {} run(s) per kind, interleaved; VMs with {} vCPU, {} MiB; {} HTTP requests per run; density {}\nhost: {}\n",
+                st.runs, st.vm_cpus, st.vm_memory_mib, st.requests, st.density, self.host_line()
+            ),
+        };
         let ok: Vec<&KindReport> = self
             .kinds
             .iter()
@@ -385,6 +427,7 @@ mod tests {
             density: 2,
             vm_cpus: 1,
             vm_memory_mib: 256,
+            image: None,
         };
         let d = [DensitySample {
             per_s: 2.0,

@@ -293,6 +293,12 @@ fn docker_archive(file: &Path) -> Result<(Vec<u8>, String, Vec<Placed>), ImageEr
         what: name.clone(),
         source,
     };
+    if file.is_dir() {
+        return Err(ImageError::NotFound(format!(
+            "{name} is a directory: docker-archive: takes the tar file `docker save` writes \
+             (for an OCI layout directory, write oci:{name})"
+        )));
+    }
     let f = File::open(file).map_err(read_err)?;
     // Where each member's bytes are: the layers are read from there later.
     let mut members: HashMap<String, (u64, u64)> = HashMap::new();

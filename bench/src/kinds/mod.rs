@@ -4,7 +4,7 @@
 //! with a one-line note.
 
 mod firecracker;
-mod oci;
+pub(crate) mod oci;
 mod qemu;
 mod wisp;
 

@@ -15,7 +15,7 @@ use crate::instance::Instance;
 use crate::netns::{Link, Slot};
 
 /// Docker's default capability set.
-const CAPS: [&str; 14] = [
+pub(crate) const CAPS: [&str; 14] = [
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FSETID",
@@ -42,6 +42,31 @@ pub struct Oci {
     /// hierarchy at /sys/fs/cgroup: crun refuses hybrid hosts (cgroup v1 controllers
     /// next to a v2 hierarchy) but runs on the v2 part of them as on a v2 host.
     unified_view: bool,
+}
+
+/// A command running `program`: directly, or with `unified_view` in a mount namespace
+/// that shows only the cgroup v2 hierarchy (see [`Oci`]).
+fn wrapped(program: &'static str, unified_view: bool) -> Command {
+    if !unified_view {
+        return Command::new(program);
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind /sys/fs/cgroup/unified /sys/fs/cgroup && exec \"$0\" \"$@\"",
+        program,
+    ]);
+    cmd
+}
+
+/// A command running the OCI runtime `program` as the bench's container kinds do
+/// (crun on a hybrid-cgroup host sees only the cgroup v2 hierarchy).
+pub(crate) fn runtime_command(program: &'static str) -> Command {
+    wrapped(program, program == "crun" && hybrid_cgroups())
 }
 
 /// Whether the host mounts cgroup v1 next to a cgroup v2 hierarchy with controllers
@@ -73,20 +98,7 @@ impl Oci {
 
     /// A command running the runtime (see `unified_view`).
     fn command(&self) -> Command {
-        if !self.unified_view {
-            return Command::new(self.program);
-        }
-        let mut cmd = Command::new("unshare");
-        cmd.args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount --bind /sys/fs/cgroup/unified /sys/fs/cgroup && exec \"$0\" \"$@\"",
-            self.program,
-        ]);
-        cmd
+        wrapped(self.program, self.unified_view)
     }
 
     fn container_id(id: &str) -> String {

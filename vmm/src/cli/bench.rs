@@ -64,10 +64,17 @@ NEEDS:
   root, the default guest (scripts/build-guest.sh). On a host where guest kernel mode
   is emulated (see `wisp doctor`) VM figures say nothing absolute: compare ratios.
 
+AN IMAGE:
+  --image REF runs that image's command to its end instead of the workload: as a wisp
+  microVM (wisp run --image) and as runc and crun containers whose root is the image's
+  converted disk, loop-mounted read-only under a tmpfs overlay, as in the VM. Figures:
+  start to the command's first output, to its exit, and the CPU of all the processes.
+
 EXAMPLES:
   sudo wisp bench --runs 3
   sudo wisp bench --only wisp,wisp-restore,runc --svg bench.svg
-  sudo wisp bench --runs 1 --density 0 --json > bench.json")]
+  sudo wisp bench --runs 1 --density 0 --json > bench.json
+  sudo wisp bench --image oci:busybox-oci:1.36 -- echo hello")]
 pub struct BenchArgs {
     /// Measurements per kind (interleaved across kinds).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = count(1, 100))]
@@ -103,6 +110,59 @@ pub struct BenchArgs {
     /// RAM of every VM, MiB.
     #[arg(long, value_name = "MiB", default_value_t = 256, value_parser = count(64, 65_536))]
     memory: u64,
+
+    /// Instead of the workload: run this image's command to its end (`oci:DIR[:TAG]` or
+    /// `docker-archive:FILE`, as for `wisp run --image`) as a wisp microVM and as runc
+    /// and crun containers whose root is the same converted disk; times its first
+    /// output, its exit and the CPU until then.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+
+    /// With --image: the command instead of the image's Cmd (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// Converts the image (or finds it converted) and resolves its process, for the
+/// containers of the image bench.
+fn prepare_image(
+    reference: &str,
+    command: &[String],
+) -> Result<wisp_bench::image_mode::ImageWorkload> {
+    use wisp_image::process::{self, Overrides};
+    let r = wisp_image::ImageRef::parse(reference)?;
+    if matches!(r, wisp_image::ImageRef::Dir(_)) {
+        bail!("wisp bench --image takes oci:DIR[:TAG] or docker-archive:FILE (a dir: root has no config and no cache)");
+    }
+    let image = wisp_image::source::open(&r)?;
+    let over = Overrides {
+        cmd: command.to_vec(),
+        env: Vec::new(),
+        hostname: "wisp-bench".into(),
+    };
+    process::command(&image.config, &over)?;
+    let exe = std::env::current_exe().context("cannot find the wisp binary")?;
+    let helper = |root: &Path, limit: u64| {
+        let mut c = std::process::Command::new(&exe);
+        c.arg("__image-layer").arg(root).arg(limit.to_string());
+        c
+    };
+    let cache = wisp_image::convert::default_cache();
+    let done =
+        wisp_image::convert::ensure(&image, &cache, &helper, &mut |l| eprintln!("bench: {l}"))?;
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+    let process = process::resolve(
+        &image.config,
+        &over,
+        read(done.entry.passwd()).as_deref(),
+        read(done.entry.group()).as_deref(),
+    )?;
+    Ok(wisp_bench::image_mode::ImageWorkload {
+        reference: reference.to_string(),
+        command: command.to_vec(),
+        disk: done.entry.disk(),
+        process,
+    })
 }
 
 /// Refuses an --svg path that cannot be written, before any slow work.
@@ -139,6 +199,13 @@ pub fn bench(args: BenchArgs) -> Result<u8> {
             guest_dir.join("vmlinux").display()
         );
     }
+    if args.image.is_none() && !args.command.is_empty() {
+        bail!("a command after -- is for --image: name the image with --image REF");
+    }
+    let image = match &args.image {
+        Some(r) => Some(prepare_image(r, &args.command)?),
+        None => None,
+    };
     let kvm = open_checked_kvm()?;
     let cache = vmm::api::runtime_dir().ok();
     let (speed, _) = kernel_mode_speed(&kvm, RUN_PROBE_ITERATIONS, cache.as_deref())?;
@@ -157,7 +224,9 @@ pub fn bench(args: BenchArgs) -> Result<u8> {
         .filter(|p| p.is_file());
     let opts = wisp_bench::Options {
         runs: args.runs as usize,
-        kinds: if args.only.is_empty() {
+        kinds: if args.only.is_empty() && args.image.is_some() {
+            vec![KindName::Wisp, KindName::Runc, KindName::Crun]
+        } else if args.only.is_empty() {
             KindName::ALL.to_vec()
         } else {
             args.only.clone()
@@ -173,6 +242,7 @@ pub fn bench(args: BenchArgs) -> Result<u8> {
         base_cmdline,
         emulated_mips: speed.emulated().then_some(speed.instructions_per_sec / 1e6),
         build_script,
+        image,
     };
     let report = wisp_bench::run(&opts)?;
     if args.json {
