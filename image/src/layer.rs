@@ -298,6 +298,46 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_in_two_layers_merges_and_takes_the_upper_mode() {
+        let root = temp("merge");
+        apply(
+            &root,
+            &layer(&[("etc/", "", D, 0o755, 0), ("etc/a", "a", F, 0o644, 0)])[..],
+            "l1",
+            u64::MAX,
+        )
+        .unwrap();
+        apply(
+            &root,
+            &layer(&[("etc/", "", D, 0o700, 0), ("etc/b", "b", F, 0o644, 0)])[..],
+            "l2",
+            u64::MAX,
+        )
+        .unwrap();
+        assert!(root.join("etc/a").exists() && root.join("etc/b").exists());
+        let m = fs::metadata(root.join("etc")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o700);
+        // A file where a directory was, and a directory where a file was.
+        apply(
+            &root,
+            &layer(&[("etc", "now a file", F, 0o644, 0), ("x/", "", D, 0o755, 0)])[..],
+            "l3",
+            u64::MAX,
+        )
+        .unwrap();
+        assert_eq!(fs::read_to_string(root.join("etc")).unwrap(), "now a file");
+        apply(
+            &root,
+            &layer(&[("etc/", "", D, 0o755, 0)])[..],
+            "l4",
+            u64::MAX,
+        )
+        .unwrap();
+        assert!(root.join("etc").is_dir());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn xattrs_in_pax_headers_are_kept() {
         let root = temp("xattr");
         let mut b = tar::Builder::new(Vec::new());
