@@ -129,34 +129,17 @@ fn prepare_image(
     reference: &str,
     command: &[String],
 ) -> Result<wisp_bench::image_mode::ImageWorkload> {
-    use wisp_image::process::{self, Overrides};
+    use wisp_image::process::Overrides;
     let r = wisp_image::ImageRef::parse(reference)?;
     if matches!(r, wisp_image::ImageRef::Dir(_)) {
         bail!("wisp bench --image takes oci:DIR[:TAG] or docker-archive:FILE (a dir: root has no config and no cache)");
     }
-    let image = wisp_image::source::open(&r)?;
     let over = Overrides {
         cmd: command.to_vec(),
         env: Vec::new(),
         hostname: "wisp-bench".into(),
     };
-    process::command(&image.config, &over)?;
-    let exe = std::env::current_exe().context("cannot find the wisp binary")?;
-    let helper = |root: &Path, limit: u64| {
-        let mut c = std::process::Command::new(&exe);
-        c.arg("__image-layer").arg(root).arg(limit.to_string());
-        c
-    };
-    let cache = wisp_image::convert::default_cache();
-    let done =
-        wisp_image::convert::ensure(&image, &cache, &helper, &mut |l| eprintln!("bench: {l}"))?;
-    let read = |p: PathBuf| std::fs::read_to_string(p).ok();
-    let process = process::resolve(
-        &image.config,
-        &over,
-        read(done.entry.passwd()).as_deref(),
-        read(done.entry.group()).as_deref(),
-    )?;
+    let (done, process) = super::image::convert_image(&r, &over, &mut |l| eprintln!("bench: {l}"))?;
     Ok(wisp_bench::image_mode::ImageWorkload {
         reference: reference.to_string(),
         command: command.to_vec(),

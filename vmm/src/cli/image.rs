@@ -99,6 +99,34 @@ fn read_plain(root: &Path, rel: &str) -> Option<String> {
     convert::read_plain(root, rel).and_then(|b| String::from_utf8(b).ok())
 }
 
+/// Opens image `r` (an OCI layout or a docker archive), checks that it has a command,
+/// converts it into the cache (or finds it there) and resolves its process against
+/// its own passwd and group: what `wisp run --image` and `wisp bench --image` share.
+/// `progress` gets the conversion's lines.
+pub fn convert_image(
+    r: &ImageRef,
+    over: &Overrides,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(convert::Converted, process::Process)> {
+    let image = wisp_image::source::open(r)?;
+    process::command(&image.config, over)?;
+    let exe = std::env::current_exe().context("cannot find the wisp binary")?;
+    let helper = |root: &Path, limit: u64| {
+        let mut c = Command::new(&exe);
+        c.arg("__image-layer").arg(root).arg(limit.to_string());
+        c
+    };
+    let done = convert::ensure(&image, &convert::default_cache(), &helper, progress)?;
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+    let p = process::resolve(
+        &image.config,
+        over,
+        read(done.entry.passwd()).as_deref(),
+        read(done.entry.group()).as_deref(),
+    )?;
+    Ok((done, p))
+}
+
 /// Converts (or finds converted) the image and writes the run's initramfs to
 /// `work_dir`. `guest_dir` holds image-init.cpio; `hostname` is the VM's name.
 pub fn prepare(
@@ -144,16 +172,7 @@ pub fn prepare(
             (disk.clone(), p, Some(disk))
         }
         _ => {
-            let image = wisp_image::source::open(&r)?;
-            process::command(&image.config, &over)?;
-            let cache = convert::default_cache();
-            let exe = std::env::current_exe().context("cannot find the wisp binary")?;
-            let helper = |root: &Path, limit: u64| {
-                let mut c = Command::new(&exe);
-                c.arg("__image-layer").arg(root).arg(limit.to_string());
-                c
-            };
-            let done = convert::ensure(&image, &cache, &helper, &mut |line| log::info!("{line}"))?;
+            let (done, p) = convert_image(&r, &over, &mut |line| log::info!("{line}"))?;
             if done.converted {
                 log::info!(
                     "image: {r} converted in {:.1} s into {}",
@@ -161,13 +180,6 @@ pub fn prepare(
                     done.entry.dir.display()
                 );
             }
-            let read = |p: PathBuf| std::fs::read_to_string(p).ok();
-            let p = process::resolve(
-                &image.config,
-                &over,
-                read(done.entry.passwd()).as_deref(),
-                read(done.entry.group()).as_deref(),
-            )?;
             (done.entry.disk(), p, None)
         }
     };
