@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use crate::kinds::{self, KindName};
 use crate::report::{KindReport, Status};
 use crate::stats::Summary;
@@ -193,37 +191,6 @@ impl Drop for Rootfs {
     }
 }
 
-/// The OCI config of the image's process, rooted at `rootfs`.
-fn container_config(p: &wisp_image::process::Process, rootfs: &Path) -> serde_json::Value {
-    json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": { "uid": p.uid, "gid": p.gid },
-            "args": p.args,
-            "env": p.env,
-            "cwd": p.cwd,
-            "capabilities": { "bounding": kinds::oci::CAPS, "effective": kinds::oci::CAPS, "permitted": kinds::oci::CAPS },
-            "noNewPrivileges": true
-        },
-        "root": { "path": rootfs, "readonly": false },
-        "hostname": "wisp-bench",
-        "mounts": [
-            { "destination": "/proc", "type": "proc", "source": "proc" },
-            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
-            { "destination": "/sys", "type": "sysfs", "source": "sysfs",
-              "options": ["nosuid", "noexec", "nodev", "ro"] }
-        ],
-        "linux": {
-            "namespaces": [
-                { "type": "pid" }, { "type": "network" }, { "type": "ipc" },
-                { "type": "uts" }, { "type": "mount" }
-            ]
-        }
-    })
-}
-
 /// One kind of the image bench.
 enum Runner {
     Wisp,
@@ -301,7 +268,8 @@ pub(crate) fn run(
                     Rootfs::new(&lower_dir, &dir).and_then(|root| {
                         let bundle = dir.join("bundle");
                         std::fs::create_dir_all(&bundle).map_err(|e| e.to_string())?;
-                        let config = container_config(&image.process, &root.merged);
+                        let config =
+                            kinds::oci::bundle_config(&image.process, &root.merged, false, None);
                         std::fs::write(bundle.join("config.json"), config.to_string())
                             .map_err(|e| e.to_string())?;
                         let mut cmd = kinds::oci::runtime_command(program);

@@ -4,18 +4,19 @@
 //! instance is the container's processes; the runtime's own CPU time counts towards
 //! its start.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
+use wisp_image::process::Process;
 
 use super::{runs_ok, spawn, Env, Kind, KindError, KindName};
 use crate::instance::Instance;
 use crate::netns::{Link, Slot};
 
 /// Docker's default capability set.
-pub(crate) const CAPS: [&str; 14] = [
+const CAPS: [&str; 14] = [
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FSETID",
@@ -105,47 +106,84 @@ impl Oci {
         format!("wisp-bench-{}-{id}", std::process::id())
     }
 
-    /// The bundle's config.json.
+    /// The bundle's config.json: the workload's /init on its read-only root, with a
+    /// tmpfs /tmp, a file-descriptor limit and Docker's masked and read-only /proc paths.
     fn config(&self, slot: &Slot) -> serde_json::Value {
         let netns = slot
             .container_ns_path()
             .map(|p| p.to_string_lossy().into_owned());
-        json!({
-            "ociVersion": "1.0.2",
-            "process": {
-                "terminal": false,
-                "user": { "uid": 0, "gid": 0 },
-                "args": ["/bin/sh", "/init"],
-                "env": ["PATH=/bin"],
-                "cwd": "/",
-                "capabilities": { "bounding": CAPS, "effective": CAPS, "permitted": CAPS },
-                "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
-                "noNewPrivileges": true
-            },
-            "root": { "path": self.env.workload.rootfs, "readonly": true },
-            "hostname": "wisp-bench",
-            "mounts": [
-                { "destination": "/proc", "type": "proc", "source": "proc" },
-                { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-                  "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
-                { "destination": "/sys", "type": "sysfs", "source": "sysfs",
-                  "options": ["nosuid", "noexec", "nodev", "ro"] },
-                { "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                  "options": ["nosuid", "nodev", "mode=1777"] }
-            ],
-            "linux": {
-                "namespaces": [
-                    { "type": "pid" },
-                    { "type": "network", "path": netns },
-                    { "type": "ipc" },
-                    { "type": "uts" },
-                    { "type": "mount" }
-                ],
-                "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-                "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-            }
-        })
+        let init = Process {
+            args: vec!["/bin/sh".into(), "/init".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+        };
+        let mut config = bundle_config(&init, &self.env.workload.rootfs, true, netns);
+        config["process"]["rlimits"] =
+            json!([{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }]);
+        if let Some(mounts) = config["mounts"].as_array_mut() {
+            mounts.push(
+                json!({ "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                                "options": ["nosuid", "nodev", "mode=1777"] }),
+            );
+        }
+        config["linux"]["maskedPaths"] = json!([
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/timer_list",
+            "/sys/firmware"
+        ]);
+        config["linux"]["readonlyPaths"] = json!([
+            "/proc/bus",
+            "/proc/fs",
+            "/proc/irq",
+            "/proc/sys",
+            "/proc/sysrq-trigger"
+        ]);
+        config
     }
+}
+
+/// What every bench container's config.json has: process `p` with Docker's default
+/// capabilities and no new privileges, root `root`, /proc, /dev and /sys, and pid, ipc,
+/// uts, mount and network namespaces (the one at `netns`, or a new one).
+pub(crate) fn bundle_config(
+    p: &Process,
+    root: &Path,
+    readonly: bool,
+    netns: Option<String>,
+) -> serde_json::Value {
+    let network = match netns {
+        Some(path) => json!({ "type": "network", "path": path }),
+        None => json!({ "type": "network" }),
+    };
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": { "uid": p.uid, "gid": p.gid },
+            "args": p.args,
+            "env": p.env,
+            "cwd": p.cwd,
+            "capabilities": { "bounding": CAPS, "effective": CAPS, "permitted": CAPS },
+            "noNewPrivileges": true
+        },
+        "root": { "path": root, "readonly": readonly },
+        "hostname": "wisp-bench",
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+            { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+              "options": ["nosuid", "noexec", "nodev", "ro"] }
+        ],
+        "linux": {
+            "namespaces": [
+                { "type": "pid" }, network, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }
+            ]
+        }
+    })
 }
 
 impl Kind for Oci {
