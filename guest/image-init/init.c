@@ -30,7 +30,7 @@
 #error "build with -include tools/include/nolibc/nolibc.h"
 #endif
 
-#include "console_path.h"
+#include "console.h"
 
 #define EXIT_PORT 0x500
 #define MAX_WORDS 512
@@ -192,22 +192,12 @@ static void exec_command(void)
 static pid_t start(const char *tty, unsigned long *mask)
 {
 	pid_t pid = fork();
-	int fd;
 
 	if (pid != 0)
 		return pid;
 	/* PID 1 blocked these for its signalfd; the process gets them as usual */
 	my_syscall4(__NR_rt_sigprocmask, SIG_UNBLOCK, mask, 0, sizeof(*mask));
-	setsid();
-	fd = open(tty, O_RDWR, 0);
-	if (fd >= 0) {
-		ioctl(fd, TIOCSCTTY, (void *)1);
-		dup2(fd, 0);
-		dup2(fd, 1);
-		dup2(fd, 2);
-		if (fd > 2)
-			close(fd);
-	}
+	take_console(tty);
 	if (chroot("/newroot") != 0)
 		fail("cannot chroot into", "/newroot");
 	if (chdir(cwd) != 0)

@@ -1,15 +1,17 @@
 // SPDX-License-Identifier: MIT
 /*
- * Shared by wisp's guest inits (nolibc): the device behind /dev/console.
- *
- * The last name in /sys/class/tty/console/active (e.g. "ttyS0") under `dev`
- * (e.g. "/dev/"), so a shell or process gets a real tty that can be its
- * controlling terminal: /dev/console itself never becomes one on open. Falls
- * back to /dev/console.
+ * Shared by wisp's guest inits (nolibc): finding the console's tty, and making
+ * it a process's controlling terminal.
  */
-#ifndef WISP_CONSOLE_PATH_H
-#define WISP_CONSOLE_PATH_H
+#ifndef WISP_CONSOLE_H
+#define WISP_CONSOLE_H
 
+/*
+ * The device behind /dev/console: the last name in
+ * /sys/class/tty/console/active (e.g. "ttyS0") under `dev` (e.g. "/dev/"), so a
+ * shell or process gets a real tty that can be its controlling terminal:
+ * /dev/console itself never becomes one on open. Falls back to /dev/console.
+ */
 static void console_path(char *buf, int size, const char *dev)
 {
 	char tmp[64];
@@ -33,6 +35,26 @@ static void console_path(char *buf, int size, const char *dev)
 		return;
 	strcpy(buf, dev);
 	strcpy(buf + dl, tmp + start);
+}
+
+/*
+ * In a new child: a session of its own with `tty` as its controlling terminal
+ * (so Ctrl-C reaches it) and as its stdin, stdout and stderr.
+ */
+static void take_console(const char *tty)
+{
+	int fd;
+
+	setsid();
+	fd = open(tty, O_RDWR, 0);
+	if (fd >= 0) {
+		ioctl(fd, TIOCSCTTY, (void *)1);
+		dup2(fd, 0);
+		dup2(fd, 1);
+		dup2(fd, 2);
+		if (fd > 2)
+			close(fd);
+	}
 }
 
 #endif

@@ -21,7 +21,7 @@
 #error "build with -include tools/include/nolibc/nolibc.h"
 #endif
 
-#include "console_path.h"
+#include "console.h"
 
 #define WISP_BOOT_PORT  0x501
 #define WISP_BOOT_VALUE 0x7b
@@ -64,20 +64,8 @@ static pid_t spawn(char *const argv[], const char *tty)
 		return pid;
 
 	/* child */
-	if (tty) {
-		int fd;
-
-		setsid();
-		fd = open(tty, O_RDWR, 0);
-		if (fd >= 0) {
-			ioctl(fd, TIOCSCTTY, (void *)1);
-			dup2(fd, 0);
-			dup2(fd, 1);
-			dup2(fd, 2);
-			if (fd > 2)
-				close(fd);
-		}
-	}
+	if (tty)
+		take_console(tty);
 	execve(BUSYBOX, argv, shell_env);
 	say(2, "init: cannot exec " BUSYBOX "\n");
 	exit(127);
