@@ -44,6 +44,10 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
+/// The status bits a driver may set (NEEDS_RESET is the device's).
+const DRIVER_STATUS: u32 =
+    status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK | status::FEATURES_OK | status::FAILED;
+
 /// Queue registers as the driver wrote them, checked only at QueueReady.
 #[derive(Clone, Copy, Default)]
 pub(super) struct QueueRegs {
@@ -264,6 +268,9 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // Reserved bits are ignored: kept, they would be saved into a snapshot that no
+        // restore accepts.
+        let v = v & DRIVER_STATUS;
         let new = v & !self.status;
         if new & status::FEATURES_OK != 0 {
             if self.driver_features & F_VERSION_1 == 0 {
@@ -287,8 +294,8 @@ impl MmioTransport {
             );
             return;
         }
-        // Bits only ever get set by the driver (NEEDS_RESET is the device's).
-        self.status |= v & !status::NEEDS_RESET;
+        // Bits only ever get set by the driver.
+        self.status |= v;
         if new & status::DRIVER_OK != 0 && self.status & status::NEEDS_RESET == 0 {
             let (dev, ctx) = self.ctx();
             if let Err(e) = dev.activate(ctx) {

@@ -211,7 +211,9 @@ impl Read for Patient<'_> {
             Ok(()) => self.conn.read(buf),
             Err(ReceiveError::Interrupted) => {
                 self.interrupted = true;
-                Err(io::ErrorKind::Interrupted.into())
+                // Not ErrorKind::Interrupted: read_exact retries that, and the signal
+                // still pending would bring it back here forever.
+                Err(io::Error::other("interrupted by a termination signal"))
             }
             Err(ReceiveError::Protocol(ProtocolError::Io(e))) => Err(e),
             Err(e) => Err(io::Error::other(e.to_string())),
@@ -285,6 +287,60 @@ fn missing_features(wanted: &[CpuFeatures], offered: &[&CpuId]) -> Vec<String> {
         .collect()
 }
 
+/// Reads the preamble and the HELLO from `r` (the source's side of the stream).
+pub fn read_hello(r: &mut impl Read) -> Result<Hello, ProtocolError> {
+    protocol::read_preamble(r)
+        .and_then(|()| protocol::expect_frame(r, Kind::Hello))
+        .and_then(|p| protocol::parse_hello(&p))
+}
+
+/// What the PAGES frames of one migration came to so far.
+#[derive(Default)]
+pub struct Received {
+    /// The digest of every PAGES payload.
+    pub digest: PageDigest,
+    /// Pages written.
+    pub pages: u64,
+}
+
+/// The destination's side after ACCEPT, from any reader: writes PAGES into `mem`
+/// (every entry checked first) until the STATE frame, then checks the page digest and
+/// the state's consistency and returns it (the caller checks it against the offer).
+pub fn receive_pages(
+    r: &mut impl Read,
+    mem: &GuestMemory,
+    progress: &mut Received,
+) -> Result<MachineState, ReceiveError> {
+    loop {
+        let frame = protocol::read_frame(r)?;
+        match frame.kind {
+            Kind::Pages => {
+                progress.pages += protocol::apply_pages(mem, &frame.payload)? as u64;
+                progress.digest.update(&frame.payload);
+            }
+            Kind::State => {
+                let (digest, state) = protocol::parse_state(&frame.payload)?;
+                if digest != progress.digest.value() {
+                    return Err(ProtocolError::Corrupt(format!(
+                        "the page digest does not match ({} pages received)",
+                        progress.pages
+                    ))
+                    .into());
+                }
+                state.check()?;
+                return Ok(state);
+            }
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other,
+                    want: "PAGES or STATE",
+                }
+                .into())
+            }
+        }
+    }
+}
+
 impl Incoming {
     fn patient<'a>(&'a mut self, signals: &'a SignalFd) -> Patient<'a> {
         Patient {
@@ -305,9 +361,7 @@ impl Incoming {
     /// Reads the preamble and the HELLO.
     pub fn hello(&mut self, signals: &SignalFd) -> Result<Hello, ReceiveError> {
         let mut r = self.patient(signals);
-        let result = protocol::read_preamble(&mut r)
-            .and_then(|()| protocol::expect_frame(&mut r, Kind::Hello))
-            .and_then(|p| protocol::parse_hello(&p));
+        let result = read_hello(&mut r);
         result.map_err(|e| Self::map_read(e, r.interrupted))
     }
 
@@ -380,37 +434,23 @@ impl Incoming {
         mem: &GuestMemory,
         signals: &SignalFd,
     ) -> Result<MachineState, ReceiveError> {
-        loop {
-            let mut r = self.patient(signals);
-            let frame = protocol::read_frame(&mut r);
-            let interrupted = r.interrupted;
-            let frame = frame.map_err(|e| Self::map_read(e, interrupted))?;
-            match frame.kind {
-                Kind::Pages => {
-                    self.pages += protocol::apply_pages(mem, &frame.payload)? as u64;
-                    self.digest.update(&frame.payload);
-                }
-                Kind::State => {
-                    let (digest, state) = protocol::parse_state(&frame.payload)?;
-                    if digest != self.digest.value() {
-                        return Err(ProtocolError::Corrupt(format!(
-                            "the page digest does not match ({} pages received)",
-                            self.pages
-                        ))
-                        .into());
-                    }
-                    state.check()?;
-                    return Ok(state);
-                }
-                other => {
-                    return Err(ProtocolError::Unexpected {
-                        got: other,
-                        want: "PAGES or STATE",
-                    }
-                    .into())
-                }
+        let mut progress = Received {
+            digest: std::mem::take(&mut self.digest),
+            pages: self.pages,
+        };
+        let mut r = self.patient(signals);
+        let result = receive_pages(&mut r, mem, &mut progress);
+        let interrupted = r.interrupted;
+        self.digest = progress.digest;
+        self.pages = progress.pages;
+        // Only a read can be interrupted, and it fails the step.
+        result.map_err(|e| {
+            if interrupted {
+                ReceiveError::Interrupted
+            } else {
+                e
             }
-        }
+        })
     }
 
     /// Pages received so far.
@@ -430,6 +470,35 @@ impl Incoming {
 mod tests {
     use super::*;
     use kvm_bindings::kvm_cpuid_entry2;
+
+    /// A termination signal while the source is silent ends the step at once. It used
+    /// to spin for ever: the read returned ErrorKind::Interrupted, which read_exact
+    /// retries, and the pending signal answered every retry the same way.
+    #[test]
+    fn a_signal_interrupts_a_read() {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Blocks the signals in this thread only, which takes its own signal.
+            let signals = SignalFd::new().unwrap();
+            let (ours, _source) = UnixStream::pair().unwrap();
+            let mut incoming = Incoming {
+                conn: Conn::Unix(ours),
+                digest: PageDigest::default(),
+                pages: 0,
+            };
+            // SAFETY: a signal to this thread, which blocks it (the signalfd gets it).
+            unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGTERM) };
+            let hello = incoming.hello(&signals).map(drop);
+            let mem = crate::memory::create(1 << 20).unwrap();
+            let state = incoming.receive_memory(&mem, &signals).map(drop);
+            let _ = done.send((hello, state));
+        });
+        let (hello, state) = result
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reads return");
+        assert!(matches!(hello, Err(ReceiveError::Interrupted)), "{hello:?}");
+        assert!(matches!(state, Err(ReceiveError::Interrupted)), "{state:?}");
+    }
 
     #[test]
     fn cpu_features_missing_on_the_destination_are_named() {
