@@ -31,7 +31,7 @@ pub fn config(read_only: bool) -> BlockConfig {
     BlockConfig {
         path: PathBuf::from(format!("/proc/self/fd/{}", memfd().as_raw_fd())),
         read_only,
-        id: "fuzz-disk-0123456789abc".into(),
+        id: "fuzz-disk-01234567".into(),
     }
 }
 

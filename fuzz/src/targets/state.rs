@@ -6,7 +6,8 @@
 //! the target writes a valid header and CRC around it, so the fuzzer reaches the parser
 //! and the checks; otherwise the rest is the whole file, header included. Oracles: a
 //! decoded state encodes, and decoding that gives the same bytes again; a state that
-//! passes the checks restores its virtio transports or refuses them, without panicking.
+//! passes the checks restores its virtio transports or refuses them, and a restored one
+//! saves what it was given (but for a network card's announcement).
 
 use devices::virtio::block::Block;
 use devices::virtio::mmio::MmioTransport;
@@ -61,9 +62,24 @@ pub fn restore_transport(state: &TransportState, mac: Option<MacAddr>) {
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     let mut t = MmioTransport::new(dev, mem, irq).expect("a transport");
     if t.restore(state).is_ok() {
-        // What was restored is what a later snapshot saves.
-        assert_eq!(&t.save(), state, "a restored transport saves another state");
+        // What was restored is what a later snapshot saves, but for what a running card
+        // does on a restore: ask the guest to announce itself (a configuration change).
+        assert_eq!(
+            restorable(t.save()),
+            restorable(state.clone()),
+            "a restored transport saves another state"
+        );
     }
+}
+
+/// `state` without what a restore may change.
+fn restorable(mut state: TransportState) -> TransportState {
+    state.config_generation = 0;
+    state.interrupt_status = 0;
+    if let DeviceState::Net(n) = &mut state.device {
+        n.announce = false;
+    }
+    state
 }
 
 /// Runs one input.
