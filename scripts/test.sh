@@ -25,5 +25,5 @@ cargo clippy --workspace --all-targets --release --locked -- -D warnings
 step "tests"
 cargo test --workspace --release --locked
 
-step "fuzz (scripts/fuzz.sh, ${FUZZ_SECONDS:-15} s per target)"
-FUZZ_SECONDS=${FUZZ_SECONDS:-15} scripts/fuzz.sh
+step "fuzz (scripts/fuzz.sh, ${FUZZ_SECONDS:-10} s per target)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-10} scripts/fuzz.sh
