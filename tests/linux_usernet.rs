@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::linux_snapshot::linux_snapshot;
 use common::netns::NetNs;
-use common::{children_named, guest_file, process_named, Session, TempDir};
+use common::{descendants_named, guest_file, process_named, Session, TempDir};
 
 const CMD: Duration = Duration::from_secs(90);
 
@@ -75,7 +75,7 @@ fn nat_mode_dhcp_ssh_through_a_forward_and_out_to_the_host() {
         CMD,
     );
     assert_eq!(addr, "10.0.2.15/24", "guest output:\n{}", s.seen);
-    let passt = children_named(s.pid(), "passt");
+    let passt = descendants_named(s.pid(), "passt");
     assert_eq!(passt.len(), 1, "one passt child: {passt:?}");
 
     // SSH in through the forward.

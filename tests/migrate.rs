@@ -470,7 +470,7 @@ fn a_user_mode_card_gets_a_new_passt_on_the_destination() {
         &["--net", "user"],
     );
     wait_counter(&mut a, 0, 2);
-    let source_passt = common::children_named(a.pid(), "passt");
+    let source_passt = common::descendants_named(a.pid(), "passt");
     assert_eq!(source_passt.len(), 1, "one passt for the source");
     let addr = format!("unix:{}", arg(&dir.0.join("u.mig")));
     let (mut b, b_api) = receive(&dir, &addr, "user-b", &[]);
@@ -479,7 +479,7 @@ fn a_user_mode_card_gets_a_new_passt_on_the_destination() {
         !common::process_named(source_passt[0], "passt"),
         "the source's passt is gone"
     );
-    assert_eq!(common::children_named(b.pid(), "passt").len(), 1);
+    assert_eq!(common::descendants_named(b.pid(), "passt").len(), 1);
     b.expect_from(0, "probe: net-dhcp ack=10.0.2.15", WAIT);
     assert!(!b.seen.contains("corrupt"), "{}", b.seen);
     // The probe is done: it exits, and so does the destination, with its passt.

@@ -325,8 +325,20 @@ fn bad_user_net_input_is_a_one_line_error_and_leaves_no_passt() {
         0
     );
     let no_passt = || {
-        let left = common::children_named(std::process::id(), "passt");
+        let me = std::process::id();
+        let left = common::children_named(me, "passt");
         assert!(left.is_empty(), "passt left behind: {left:?}");
+        let supervisors: Vec<_> = common::children_named(me, "wisp")
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.windows(7).any(|w| w == b"__passt"))
+            })
+            .collect();
+        assert!(
+            supervisors.is_empty(),
+            "supervisor left behind: {supervisors:?}"
+        );
     };
     let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = busy.local_addr().expect("addr").port();
@@ -403,13 +415,13 @@ fn passt_dying_takes_the_link_down_and_wisp_restarts_it() {
         &[("WISP_LOG", "debug")],
     );
     let at = s.expect_from(0, "probe: net-arp 10.0.2.2 is-at ", WAIT);
-    let first = common::children_named(s.pid(), "passt");
+    let first = common::descendants_named(s.pid(), "passt");
     assert_eq!(first.len(), 1, "{first:?}");
     // SAFETY: kill(2) on a process id we just read; no memory involved.
     assert_eq!(unsafe { libc::kill(first[0] as i32, libc::SIGKILL) }, 0);
     let deadline = std::time::Instant::now() + WAIT;
     let second = loop {
-        let now = common::children_named(s.pid(), "passt");
+        let now = common::descendants_named(s.pid(), "passt");
         if now.len() == 1 && now[0] != first[0] {
             break now[0];
         }

@@ -466,6 +466,18 @@ pub fn children_named(parent: u32, comm: &str) -> Vec<u32> {
     out
 }
 
+/// Processes below `root` (children, grandchildren, ...) whose command name starts
+/// with `comm`: wisp's passt is a child of its passt supervisor (`wisp __passt`).
+pub fn descendants_named(root: u32, comm: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut parents = vec![root];
+    while let Some(p) = parents.pop() {
+        parents.extend(children_named(p, ""));
+        out.extend(children_named(p, comm));
+    }
+    out
+}
+
 /// True if process `pid` exists and its name starts with `comm` (a zombie counts).
 pub fn process_named(pid: u32, comm: &str) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))

@@ -18,6 +18,7 @@ pub mod migration;
 pub mod outcome;
 pub mod restore;
 pub mod run_control;
+pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
 pub mod state;

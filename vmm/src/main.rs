@@ -70,6 +70,12 @@ enum Command {
         /// Refuse the layer past this many uncompressed bytes.
         max_bytes: u64,
     },
+    /// (internal) The passt supervisor of `--net user`, on descriptor 3.
+    #[command(name = "__passt", hide = true)]
+    Passt {
+        /// The user-mode network's configuration (JSON).
+        config: String,
+    },
 }
 
 /// A command-line error from clap as wisp's one line: clap's message with its listed
@@ -140,6 +146,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if matches!(cli.command, Command::Passt { .. }) {
+        // The supervisor logs beside wisp, which may have the terminal in raw mode;
+        // "\r\n" looks the same on a cooked one.
+        // SAFETY: isatty only inspects the descriptor.
+        RAW_TERMINAL.store(unsafe { libc::isatty(2) } == 1, Ordering::Relaxed);
+    }
     init_logging();
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args, start),
@@ -149,6 +161,9 @@ fn main() -> ExitCode {
                 .map(|()| 0)
                 .map_err(Into::into)
         }
+        Command::Passt { config } => vmm::usernet::supervisor::helper_main(&config)
+            .map(|()| 0)
+            .map_err(Into::into),
         Command::Doctor => control::doctor(),
         Command::Ls => control::ls(),
         Command::Status(t) => control::control(&t, vmm::api::Request::Status),

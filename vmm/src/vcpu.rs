@@ -228,6 +228,10 @@ impl Vcpu {
     }
 
     fn run(mut self, control: &RunControl, latch: &ExitLatch) {
+        if let Err(e) = crate::seccomp::enter(crate::seccomp::Thread::Vcpu) {
+            latch.set(Outcome::Crash(e.to_string()));
+            return;
+        }
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|p| p.set(run_ptr));
         let index = usize::from(self.index);

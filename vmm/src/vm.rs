@@ -446,6 +446,11 @@ impl Vm {
             }
         }
         if spawn_error.is_none() {
+            // Every other thread runs (each under its own filter): the VMM thread's
+            // filter goes on before the event loop serves anything.
+            if let Err(e) = crate::seccomp::enter(crate::seccomp::Thread::Vmm) {
+                latch.set(Outcome::Crash(e.to_string()));
+            }
             if let Some(hook) = started {
                 if !hook() {
                     latch.set(Outcome::HandOverFailed(

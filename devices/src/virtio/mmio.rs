@@ -203,7 +203,7 @@ impl MmioTransport {
             return;
         }
         let (dev, ctx) = self.ctx();
-        if let Err(e) = dev.queue_event(ctx, index) {
+        if let Err(e) = dev.sync_host().and_then(|()| dev.queue_event(ctx, index)) {
             self.fail(&e);
         }
     }
@@ -214,7 +214,10 @@ impl MmioTransport {
             return;
         }
         let (dev, ctx) = self.ctx();
-        if let Err(e) = dev.backend_event(ctx, events) {
+        if let Err(e) = dev
+            .sync_host()
+            .and_then(|()| dev.backend_event(ctx, events))
+        {
             self.fail(&e);
         }
     }

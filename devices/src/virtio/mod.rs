@@ -163,11 +163,20 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         log::debug!("{}: config write at {offset:#x} ignored", self.name());
     }
-    /// The driver set DRIVER_OK: prepare the backend for the negotiated features. Runs on
-    /// a vCPU thread, so it must not process queues: the transport then signals every
-    /// queue's eventfd and the event loop does that.
+    /// The driver set DRIVER_OK: get ready for the negotiated features. Runs on a vCPU
+    /// thread, so it must neither process queues nor make host calls (its seccomp filter
+    /// allows neither): the transport then signals every queue's eventfd, and the event
+    /// loop does both in the next queue event ([`VirtioDevice::sync_host`] first).
     fn activate(&mut self, ctx: QueueContext) -> Result<(), DeviceError>;
-    /// The driver reset the device: forget any in-flight state tied to the queues.
+    /// Makes the host side match what the driver last chose (a network card's TAP
+    /// offloads after an activation or reset). The transport calls it on the event
+    /// loop's thread before every queue and backend event, and right after a restore's
+    /// activation. Default: nothing.
+    fn sync_host(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// The driver reset the device: forget any in-flight state tied to the queues. Runs
+    /// on a vCPU thread, as [`VirtioDevice::activate`] does.
     fn reset(&mut self);
     /// The host file descriptor of the backend to watch (a TAP), if any.
     fn backend_fd(&self) -> Option<RawFd> {

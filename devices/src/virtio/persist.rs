@@ -363,7 +363,9 @@ impl MmioTransport {
         });
         if self.running() {
             let (dev, ctx) = self.ctx();
-            if let Err(source) = dev.activate(ctx) {
+            // A restore runs before the VM does, on the VMM thread: the host side is
+            // set up at once, so a backend that cannot follow refuses the state.
+            if let Err(source) = dev.activate(ctx).and_then(|()| dev.sync_host()) {
                 self.device.reset();
                 if let Err(e) = self.device.restore(&before) {
                     log::error!("{}: cannot roll back a failed restore: {e}", self.name());

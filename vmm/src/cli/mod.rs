@@ -41,6 +41,38 @@ pub struct SavedVmArgs {
     /// Control socket path, as for `wisp run`.
     #[arg(long, value_name = "PATH")]
     pub api: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub seccomp: SeccompArgs,
+}
+
+/// The seccomp options of every command that runs a VM.
+#[derive(clap::Args)]
+pub struct SeccompArgs {
+    /// seccomp-BPF filters on wisp's threads (VMM, vCPUs, migration), each as small as
+    /// the thread's needs. `off` is for debugging only: a guest that breaks out of a
+    /// device model then has all of wisp's rights.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    pub seccomp: String,
+    /// Load the threads' filters from FILE instead of the built-in ones: seccompiler's
+    /// JSON, one filter each for "vmm", "vcpu" and "migrate" (start from
+    /// vmm/src/seccomp/x86_64.json in wisp's source).
+    #[arg(long, value_name = "FILE", conflicts_with = "seccomp")]
+    pub seccomp_filter: Option<std::path::PathBuf>,
+}
+
+impl SeccompArgs {
+    /// Compiles the chosen filters and sets them for the threads to come: the first
+    /// thing a VM command does, so a bad file is its one error line.
+    pub fn configure(&self) -> Result<()> {
+        use vmm::seccomp::{Filters, Policy};
+        let policy = match (&self.seccomp_filter, self.seccomp.as_str()) {
+            (Some(f), _) => Policy::File(f.clone()),
+            (None, "off") => Policy::Off,
+            _ => Policy::Default,
+        };
+        vmm::seccomp::configure(Filters::for_policy(&policy)?)?;
+        Ok(())
+    }
 }
 
 /// Set while the terminal is raw, so log lines end in "\r\n".

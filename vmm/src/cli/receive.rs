@@ -44,6 +44,7 @@ pub struct ReceiveArgs {
 }
 
 pub fn receive(args: ReceiveArgs, start: Instant) -> Result<u8> {
+    args.vm.seccomp.configure()?;
     // Termination signals end the wait (through the signalfd) instead of the process.
     vmm::signals::block().context("cannot block termination signals")?;
     let signals = SignalFd::new().context("cannot watch termination signals")?;

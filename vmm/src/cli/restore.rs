@@ -37,6 +37,7 @@ pub fn restore(args: RestoreArgs, start: Instant) -> Result<u8> {
     // Everything is checked before anything is created: the state, the overrides, the
     // configuration (the same checks as `wisp run`'s: the file is untrusted), then the
     // memory file.
+    args.vm.seccomp.configure()?;
     let mut state = vmm::snapshot::read_state(&args.dir)?;
     let config = &mut state.machine.config;
     config.apply_restore_options(args.vm.name.as_deref(), &args.vm.disk, &args.vm.net)?;

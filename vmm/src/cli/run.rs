@@ -118,6 +118,9 @@ pub struct RunArgs {
     api: Option<PathBuf>,
 
     #[command(flatten)]
+    seccomp: super::SeccompArgs,
+
+    #[command(flatten)]
     image: super::image::ImageArgs,
 }
 
@@ -192,6 +195,7 @@ fn check_readable(what: &str, path: &Path) -> Result<()> {
 
 pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
     // Everything that can be checked is checked first, before anything is created.
+    args.seccomp.configure()?;
     let name = args
         .name
         .clone()

@@ -13,7 +13,6 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use devices::bus::lock;
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
@@ -39,7 +38,8 @@ pub(super) struct Migration {
     events: Receiver<JobEvent>,
     wake: EventFd,
     replies: Sender<Result<MachineState, String>>,
-    thread: Option<JoinHandle<()>>,
+    /// Gets `()` when the job has ended.
+    done: Option<Receiver<()>>,
     /// Clients following it (the one that started it, at least).
     watchers: Vec<Reply>,
     /// The VM was paused (and its devices released) for the switch-over.
@@ -67,8 +67,8 @@ impl Drop for Migration {
         // waits for the answer to a switch-over that will not come.
         self.stop_job();
         let _ = self.replies.send(Err("the VM is stopping".into()));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(done) = self.done.take() {
+            let _ = done.recv();
         }
     }
 }
@@ -150,10 +150,7 @@ impl EventLoop {
                 replies: replies_rx,
             },
         };
-        let thread = std::thread::Builder::new()
-            .name("migrate".into())
-            .spawn(move || job.run())
-            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        let done = self.worker.submit(job)?;
         log::info!("migrating to {}", options.to);
         Ok(Migration {
             options,
@@ -163,7 +160,7 @@ impl EventLoop {
             events,
             wake,
             replies,
-            thread: Some(thread),
+            done: Some(done),
             watchers: Vec::new(),
             switched: false,
             was_paused: false,

@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{Connections, MAX_CLIENTS};
 use crate::console::{EscapeFilter, Input, InputSource};
 use crate::machine::Machine;
+use crate::migration::worker::Worker;
 use crate::outcome::{ExitLatch, Outcome};
 use crate::run_control::VcpuThreads;
 use crate::signals::SignalFd;
@@ -89,6 +90,8 @@ pub struct EventLoop {
     start: Instant,
     /// A migration in progress.
     migration: Option<migrate::Migration>,
+    /// The thread that runs migrations.
+    worker: Worker,
 }
 
 impl EventLoop {
@@ -156,6 +159,7 @@ impl EventLoop {
             machine,
             start,
             migration: None,
+            worker: Worker::spawn()?,
         })
     }
 

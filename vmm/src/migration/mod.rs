@@ -11,6 +11,7 @@
 pub mod protocol;
 pub mod receive;
 pub mod send;
+pub mod worker;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -29,9 +29,20 @@ pub trait Backend: Send {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-    /// The connection is gone: try to get a new one. Backends without a connection
-    /// (TAPs) cannot.
-    fn reconnect(&mut self) -> io::Result<()> {
+    /// The connection is gone: ask for a new one, without waiting for it. From then on
+    /// [`Backend::fd`] is the descriptor on which the answer arrives, and
+    /// [`Backend::finish_reconnect`] takes it. Backends without a connection (TAPs)
+    /// cannot reconnect.
+    fn start_reconnect(&mut self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this backend cannot reconnect",
+        ))
+    }
+    /// After [`Backend::start_reconnect`], on an event of [`Backend::fd`]: `Ok(true)`
+    /// once the new connection is in place (and `fd` is its descriptor), `Ok(false)`
+    /// while the answer is still to come.
+    fn finish_reconnect(&mut self) -> io::Result<bool> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "this backend cannot reconnect",

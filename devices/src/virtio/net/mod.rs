@@ -11,7 +11,12 @@
 //! The backend fd is watched edge-triggered, so `rx_ready`/`tx_blocked` remember the
 //! last edge. A backend whose connection dies (passt exiting) takes the link down
 //! (VIRTIO_NET_S_LINK_UP clears, with a configuration interrupt); the device then
-//! tries to reconnect, a few times per minute at most, and brings the link back up.
+//! asks for a new connection, a few times per minute at most, and brings the link back
+//! up when it comes (the answer arrives on the backend's fd: nothing here waits).
+//!
+//! Everything that touches the host runs on the event-loop thread: the driver's status
+//! writes (on a vCPU thread) only record the offloads it accepted, and the next queue
+//! or backend event tells the backend (TUNSETOFFLOAD), before any frame moves.
 
 pub mod backend;
 mod ctrl;
@@ -112,6 +117,11 @@ pub struct Net {
     generation: u64,
     link_up: bool,
     reconnects: Vec<Instant>,
+    /// A new backend connection was asked for and has not come yet.
+    reconnecting: bool,
+    /// Offloads to tell the backend at the next event, and whether an activation (not
+    /// a reset) asked for them.
+    offloads_pending: Option<(u32, bool)>,
     acked: u64,
     /// VIRTIO_NET_S_ANNOUNCE is set: the guest was asked to announce itself.
     announce: bool,
@@ -136,6 +146,8 @@ impl Net {
             generation: 0,
             link_up: true,
             reconnects: Vec::new(),
+            reconnecting: false,
+            offloads_pending: None,
             acked: 0,
             announce: false,
             config,
@@ -177,8 +189,12 @@ impl Net {
         MacAddr([a, b, c, d, e, f])
     }
 
-    /// The backend's connection died: link down, then reconnect if the budget allows.
+    /// The backend's connection died: link down, then ask for a new one if the budget
+    /// allows.
     fn backend_lost(&mut self, ctx: &mut QueueContext, e: &io::Error) {
+        if self.reconnecting {
+            return;
+        }
         log::error!(
             "{}: lost {} ({e}); link down",
             self.name,
@@ -200,9 +216,21 @@ impl Net {
             return;
         }
         self.reconnects.push(now);
-        match self.backend.reconnect() {
+        match self.backend.start_reconnect() {
             Ok(()) => {
+                self.reconnecting = true;
+                // The backend's fd is now the one the answer comes on.
                 self.generation += 1;
+            }
+            Err(e) => log::error!("{}: cannot reconnect: {e}; the link stays down", self.name),
+        }
+    }
+
+    /// An event while a new connection is awaited: takes it if it came.
+    fn reconnect_event(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceError> {
+        match self.backend.finish_reconnect() {
+            Ok(false) => return Ok(()),
+            Ok(true) => {
                 self.rx_ready = true;
                 self.tx_blocked = false;
                 log::warn!(
@@ -213,6 +241,28 @@ impl Net {
                 self.set_link(ctx, true);
             }
             Err(e) => log::error!("{}: cannot reconnect: {e}; the link stays down", self.name),
+        }
+        self.reconnecting = false;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Tells the backend the offloads the driver's last activation or reset left.
+    fn sync_offloads(&mut self) -> Result<(), DeviceError> {
+        let Some((flags, activation)) = self.offloads_pending.take() else {
+            return Ok(());
+        };
+        match self.backend.set_offloads(flags) {
+            Ok(()) => Ok(()),
+            // A reset device does not move frames: a failure only needs a word.
+            Err(e) if !activation => {
+                log::warn!("{}: {e}", self.name);
+                Ok(())
+            }
+            Err(e) => Err(DeviceError::Protocol(format!(
+                "cannot match {} offloads: {e}",
+                self.backend.describe()
+            ))),
         }
     }
 
@@ -355,12 +405,9 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, _ctx: QueueContext) -> Result<(), DeviceError> {
-        if let Err(e) = self.backend.set_offloads(self.offloads()) {
-            return Err(DeviceError::Protocol(format!(
-                "cannot match {} offloads: {e}",
-                self.backend.describe()
-            )));
-        }
+        // Runs on a vCPU thread: the event loop tells the backend (sync_offloads) when
+        // it next handles this device, which the transport's queue signals make soon.
+        self.offloads_pending = Some((self.offloads(), true));
         // Frames may have queued up before the driver was ready: the RX queue event the
         // transport sends next reads them.
         self.rx_ready = true;
@@ -373,9 +420,11 @@ impl VirtioDevice for Net {
         self.tx_blocked = false;
         self.announce = false;
         self.write_status();
-        if let Err(e) = self.backend.set_offloads(0) {
-            log::warn!("{}: {e}", self.name);
-        }
+        self.offloads_pending = Some((0, false));
+    }
+
+    fn sync_host(&mut self) -> Result<(), DeviceError> {
+        self.sync_offloads()
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
@@ -454,6 +503,11 @@ impl VirtioDevice for Net {
     }
 
     fn queue_event(&mut self, mut ctx: QueueContext, index: usize) -> Result<(), DeviceError> {
+        if self.reconnecting {
+            // The answer may have come while the device was reset (no backend events
+            // then): look again whenever the driver notifies.
+            self.reconnect_event(&mut ctx)?;
+        }
         match index {
             RX => self.process_rx(&mut ctx),
             TX => self.process_tx(&mut ctx),
@@ -463,6 +517,9 @@ impl VirtioDevice for Net {
     }
 
     fn backend_event(&mut self, mut ctx: QueueContext, events: u32) -> Result<(), DeviceError> {
+        if self.reconnecting {
+            return self.reconnect_event(&mut ctx);
+        }
         if events & EPOLLOUT != 0 {
             // The rest of a partly written frame goes first, even if the guest has
             // nothing new to send.

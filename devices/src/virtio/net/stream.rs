@@ -18,8 +18,16 @@ const MAX_STREAM_FRAME: usize = 65_535;
 const RX_BUFFER: usize = 256 << 10;
 const LEN_PREFIX: usize = 4;
 
-/// Makes a new connection when the old one died (e.g. restarts passt).
-pub type Reconnect = Box<dyn FnMut() -> io::Result<UnixStream> + Send>;
+/// Gets a new connection when the old one died (e.g. a new passt), without blocking:
+/// the answer arrives later, when [`Reconnect::fd`] turns readable.
+pub trait Reconnect: Send {
+    /// Asks for a new connection; returns at once.
+    fn request(&mut self) -> io::Result<()>;
+    /// The descriptor that turns readable when an answer waits.
+    fn fd(&self) -> RawFd;
+    /// The answer, if it came: `Ok(Some)` a new connection, `Ok(None)` not yet.
+    fn answer(&mut self) -> io::Result<Option<UnixStream>>;
+}
 
 /// A length-prefixed stream backend.
 pub struct StreamBackend {
@@ -30,13 +38,19 @@ pub struct StreamBackend {
     rx_end: usize,
     tx_pending: Vec<u8>,
     tx_pos: usize,
-    reconnect: Reconnect,
+    reconnect: Box<dyn Reconnect>,
+    /// A new connection was asked for and has not come yet.
+    reconnecting: bool,
 }
 
 impl StreamBackend {
     /// A backend on `stream` (made non-blocking here); `label` names the peer in logs,
     /// `reconnect` replaces a dead connection.
-    pub fn new(label: String, stream: UnixStream, reconnect: Reconnect) -> io::Result<Self> {
+    pub fn new(
+        label: String,
+        stream: UnixStream,
+        reconnect: Box<dyn Reconnect>,
+    ) -> io::Result<Self> {
         stream.set_nonblocking(true)?;
         Ok(Self {
             label,
@@ -47,6 +61,7 @@ impl StreamBackend {
             tx_pending: Vec::new(),
             tx_pos: 0,
             reconnect,
+            reconnecting: false,
         })
     }
 }
@@ -57,7 +72,11 @@ impl Backend for StreamBackend {
     }
 
     fn fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
+        if self.reconnecting {
+            self.reconnect.fd()
+        } else {
+            self.stream.as_raw_fd()
+        }
     }
 
     fn supports_offloads(&self) -> bool {
@@ -69,6 +88,9 @@ impl Backend for StreamBackend {
     }
 
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.reconnecting {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         loop {
             let avail = self.rx_end - self.rx_start;
             if avail >= LEN_PREFIX {
@@ -112,6 +134,9 @@ impl Backend for StreamBackend {
 
     /// Writes out what is left of a partially written frame.
     fn flush(&mut self) -> io::Result<()> {
+        if self.reconnecting {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         while self.tx_pos < self.tx_pending.len() {
             match self.stream.write(&self.tx_pending[self.tx_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -149,31 +174,133 @@ impl Backend for StreamBackend {
         }
     }
 
-    fn reconnect(&mut self) -> io::Result<()> {
-        let stream = (self.reconnect)()?;
+    fn start_reconnect(&mut self) -> io::Result<()> {
+        if !self.reconnecting {
+            self.reconnect.request()?;
+            self.reconnecting = true;
+        }
+        Ok(())
+    }
+
+    fn finish_reconnect(&mut self) -> io::Result<bool> {
+        if !self.reconnecting {
+            return Ok(true);
+        }
+        let answer = self.reconnect.answer();
+        let stream = match answer {
+            Ok(None) => return Ok(false),
+            Ok(Some(stream)) => stream,
+            Err(e) => {
+                self.reconnecting = false;
+                return Err(e);
+            }
+        };
+        self.reconnecting = false;
         stream.set_nonblocking(true)?;
         self.stream = stream;
         self.rx_start = 0;
         self.rx_end = 0;
         self.tx_pending.clear();
         self.tx_pos = 0;
-        Ok(())
+        Ok(true)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    /// Answers a request with `next`, once the test says it came (`ready`).
+    struct FakeReconnect {
+        asked: Arc<AtomicU32>,
+        ready: Arc<AtomicBool>,
+        next: Option<UnixStream>,
+        wake: UnixStream,
+    }
+
+    impl Reconnect for FakeReconnect {
+        fn request(&mut self) -> io::Result<()> {
+            self.asked.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn fd(&self) -> RawFd {
+            self.wake.as_raw_fd()
+        }
+        fn answer(&mut self) -> io::Result<Option<UnixStream>> {
+            if !self.ready.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            self.next
+                .take()
+                .map(Some)
+                .ok_or_else(|| io::Error::other("no more connections"))
+        }
+    }
+
+    struct Fake {
+        be: StreamBackend,
+        peer: UnixStream,
+        asked: Arc<AtomicU32>,
+        ready: Arc<AtomicBool>,
+    }
+
+    fn backend(next: Option<UnixStream>) -> Fake {
+        let (a, peer) = UnixStream::pair().unwrap();
+        let (wake, _) = UnixStream::pair().unwrap();
+        let (asked, ready) = (Arc::default(), Arc::default());
+        let fake = FakeReconnect {
+            asked: Arc::clone(&asked),
+            ready: Arc::clone(&ready),
+            next,
+            wake,
+        };
+        let be = StreamBackend::new("test".into(), a, Box::new(fake)).unwrap();
+        Fake {
+            be,
+            peer,
+            asked,
+            ready,
+        }
+    }
 
     fn pair() -> (StreamBackend, UnixStream) {
-        let (a, b) = UnixStream::pair().unwrap();
-        let backend = StreamBackend::new(
-            "test".into(),
-            a,
-            Box::new(|| Err(io::Error::other("no reconnect"))),
-        )
-        .unwrap();
-        (backend, b)
+        let f = backend(None);
+        (f.be, f.peer)
+    }
+
+    #[test]
+    fn a_reconnect_waits_for_its_answer_then_swaps_the_connection() {
+        let (new_ours, mut new_peer) = UnixStream::pair().unwrap();
+        let new_fd = new_ours.as_raw_fd();
+        let Fake {
+            mut be,
+            peer,
+            asked,
+            ready,
+        } = backend(Some(new_ours));
+        drop(peer);
+        let old_fd = be.fd();
+        be.start_reconnect().unwrap();
+        be.start_reconnect().unwrap();
+        assert_ne!(be.fd(), old_fd, "watch the answer's descriptor meanwhile");
+        let mut buf = vec![0u8; 70_000];
+        assert_eq!(
+            be.read_frame(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "nothing is read from the dead connection"
+        );
+        assert!(!be.finish_reconnect().unwrap(), "no answer yet");
+        assert_eq!(asked.load(Ordering::Relaxed), 1, "one request, not two");
+        ready.store(true, Ordering::Relaxed);
+        assert!(be.finish_reconnect().unwrap());
+        assert_eq!(be.fd(), new_fd);
+        let mut frame = vec![0x55u8; VNET_HDR_LEN + 20];
+        be.write_frame(&mut frame).unwrap();
+        let mut got = vec![0u8; 24];
+        new_peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..4], &20u32.to_be_bytes());
     }
 
     #[test]
