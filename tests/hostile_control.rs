@@ -191,3 +191,56 @@ fn console_output_errors_are_words_and_the_vm_runs_on() {
         "{out:#?}"
     );
 }
+
+/// Raises this process's descriptor limit to at least `n` (for a thousand clients).
+fn raise_fd_limit(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit on our stack.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < n {
+            lim.rlim_cur = n.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+}
+
+#[test]
+fn a_thousand_clients_and_clients_that_leave_mid_answer_hold_up_nobody() {
+    raise_fd_limit(4096);
+    let dir = TempDir::new("ctl-many");
+    let api = dir.0.join("vm.sock");
+    let s = start_counter("ctl-many", &api);
+    // 1000 connections at once, none of which says anything: wisp keeps 32 and makes
+    // room by dropping the one that waited longest.
+    let crowd: Vec<UnixStream> = (0..1000)
+        .map(|_| UnixStream::connect(&api).expect("connect"))
+        .collect();
+    let (code, out, err) = wisp_cmd(&["status", arg(&api)]);
+    assert_eq!(code, 0, "status with a crowd: {err}");
+    assert!(out.contains("running"), "{out}");
+    drop(crowd);
+    // Clients that ask and leave before the answer: for status, and for pause and
+    // resume (which change the VM), 200 times over.
+    for i in 0..200 {
+        let op = ["status", "pause", "resume"][i % 3];
+        let mut c = UnixStream::connect(&api).expect("connect");
+        c.write_all(format!("{{\"op\":\"{op}\"}}\n").as_bytes())
+            .expect("send");
+        drop(c);
+    }
+    // One that reads half of nothing: it shuts its reading side down first.
+    let mut c = UnixStream::connect(&api).expect("connect");
+    c.shutdown(std::net::Shutdown::Read).expect("shutdown");
+    c.write_all(b"{\"op\":\"status\"}\n").expect("send");
+    drop(c);
+    // The VM runs on (resumed: the last pause/resume pair left it running, and
+    // resume answers even if it already runs), and a good request gets its answer.
+    let _ = wisp_cmd(&["resume", arg(&api)]);
+    let answer = raw_request(&api, b"{\"op\":\"status\"}\n");
+    assert!(answer.contains("\"state\":\"running\""), "{answer}");
+    stop_vm(s, &api, WAIT);
+}

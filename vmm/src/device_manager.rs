@@ -105,6 +105,24 @@ pub enum DiskLocks {
     AtClaim,
 }
 
+/// Checks what can be checked of `config`'s backends without creating them, so a
+/// missing disk or TAP is one error line before wisp measures the host or logs
+/// anything: each disk opens (as it will be opened, without its lock), each TAP and
+/// bridge exists, passt is installed and each forward's host port is free.
+pub fn check_backends(config: &VmConfig) -> Result<(), DeviceManagerError> {
+    for (i, disk) in config.disks.iter().enumerate() {
+        drop(Block::open_unlocked(disk, format!("virtio-blk{i}"))?);
+    }
+    for net in &config.nets {
+        match &net.backend {
+            NetBackend::Tap(name) => Tap::check_exists(name)?,
+            NetBackend::Bridge(br) => Tap::check_bridge(br)?,
+            NetBackend::User(user) => usernet::check(user)?,
+        }
+    }
+    Ok(())
+}
+
 fn create_devices(
     config: &VmConfig,
     disk_locks: DiskLocks,

@@ -7,7 +7,7 @@
 use crate::blk::{self, Bad};
 use crate::bootinfo::BootInfo;
 use crate::serial::Escaped;
-use crate::{blkhold, blkseq, counter, io, mix, net, netproto, status, tsc, virtio};
+use crate::{blkhold, blkseq, counter, flood, io, mix, net, netproto, status, tsc, virtio};
 
 const PARAM: &[u8] = b"probe.cmd=";
 const DEFAULT_LIST: &[u8] = b"hello";
@@ -87,6 +87,7 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
                 "use counter[:MIB[:ROUNDS[:GAP_MS]]] with MIB 1..1024, GAP_MS 1..1000",
             ),
         },
+        (b"flood-console", None) => flood::console(),
         (b"tsc", None) => {
             let (hz, source) = tsc::frequency();
             println!("probe: tsc khz={} source={}", hz / 1000, source.name());
@@ -108,7 +109,8 @@ fn run_one(item: &[u8], name: &[u8], arg: Option<&[u8]>, boot: &BootInfo) {
             unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
         }
         (
-            b"hello" | b"meminfo" | b"e820" | b"cmdline" | b"boot" | b"bootdone" | b"tsc",
+            b"hello" | b"meminfo" | b"e820" | b"cmdline" | b"boot" | b"bootdone" | b"tsc"
+            | b"flood-console",
             Some(_),
         ) => usage_error(item, "takes no argument"),
         (b"exit", None) => usage_error(item, "needs an argument: exit:N"),
@@ -198,9 +200,11 @@ fn run_device(item: &[u8], name: &[u8], arg: Option<&[u8]>) -> bool {
             }
         }
         (b"net-dhcp", None) => netproto::dhcp(cmd),
-        (b"virtio" | b"blk-info" | b"blk-flush" | b"net-info" | b"net-dhcp", Some(_)) => {
-            usage_error(item, "takes no argument")
-        }
+        (b"flood-notify", None) => flood::notify(cmd),
+        (
+            b"virtio" | b"blk-info" | b"blk-flush" | b"net-info" | b"net-dhcp" | b"flood-notify",
+            Some(_),
+        ) => usage_error(item, "takes no argument"),
         (b"blk-write" | b"blk-verify", None) => usage_error(item, "needs SECTOR:COUNT:SEED"),
         (b"blk-bad", None) => usage_error(item, "needs a kind: loop, oob, zero or qsize"),
         (b"blk-seq", None) => usage_error(item, "needs SECTORS[:ROUNDS]"),

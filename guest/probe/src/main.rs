@@ -19,6 +19,7 @@ mod cmd;
 mod counter;
 mod cpu;
 mod entry;
+mod flood;
 mod io;
 mod mem;
 mod mix;

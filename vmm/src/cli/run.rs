@@ -254,6 +254,7 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
     };
     config.resolve_macs();
     config.validate(&limits)?;
+    vmm::device_manager::check_backends(&config)?;
     // Everything else is checked: now the image (its conversion may take a while).
     let image_boot = match &image_ref {
         Some(r) => {
@@ -282,6 +283,9 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
     let cache = vmm::api::runtime_dir()
         .inspect_err(|e| log::debug!("no runtime directory for the speed cache: {e}"))
         .ok();
+    // The console is the last thing that can fail on bad input: before any log line.
+    let (console, output) = open_console(&args.console)?;
+    super::RAW_TERMINAL.store(console.is_raw(), std::sync::atomic::Ordering::Relaxed);
     let (speed, _) = kernel_mode_speed(&kvm, RUN_PROBE_ITERATIONS, cache.as_deref())?;
     if speed.emulated() {
         log::info!(
@@ -289,7 +293,6 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8> {
             speed.instructions_per_sec / 1e6
         );
     }
-    let (console, output) = open_console(&args.console)?;
     let vm = Vm::build(
         kvm,
         &config,

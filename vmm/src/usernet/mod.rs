@@ -318,6 +318,13 @@ pub fn passt_args(cfg: &UserNetConfig, fd: i32) -> Vec<String> {
     a
 }
 
+/// What can be checked before passt starts: it is installed, and every forward's host
+/// port is free.
+pub fn check(cfg: &UserNetConfig) -> Result<(), UserNetError> {
+    find_on_path(PASST).ok_or(UserNetError::NotInstalled)?;
+    check_ports(cfg)
+}
+
 /// Starts user-mode networking for `cfg`: checks the forwards' host ports, starts the
 /// supervisor process and through it passt, and returns wisp's end of the connection
 /// plus the handle that asks the supervisor for a new passt when this one dies.

@@ -178,6 +178,24 @@ impl Tap {
         Ok(tap)
     }
 
+    /// Fails as [`Tap::open`] would if interface `name` does not exist (opens nothing).
+    pub fn check_exists(name: &str) -> Result<(), TapError> {
+        IfReq::new(name)?;
+        match ifindex(name) {
+            Some(_) => Ok(()),
+            None => Err(TapError::NoSuchTap(name.to_string())),
+        }
+    }
+
+    /// Fails as [`Tap::create_on_bridge`] would if `bridge` does not exist.
+    pub fn check_bridge(bridge: &str) -> Result<(), TapError> {
+        IfReq::new(bridge)?;
+        match ifindex(bridge) {
+            Some(_) => Ok(()),
+            None => Err(TapError::NoSuchBridge(bridge.to_string())),
+        }
+    }
+
     /// Opens the existing TAP `name`.
     pub fn open(name: &str) -> Result<Self, TapError> {
         let mut ifr = IfReq::new(name)?;

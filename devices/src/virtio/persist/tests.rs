@@ -557,3 +557,25 @@ fn reserved_status_bits_are_ignored_and_the_state_restores() {
     fresh.restore(&saved).unwrap();
     assert_eq!(fresh.save(), saved);
 }
+
+#[test]
+fn a_net_card_tells_its_backend_at_the_next_queue_event_not_at_driver_ok() {
+    // DRIVER_OK arrives on a vCPU thread, whose filter allows no host calls: the
+    // backend hears of the offloads only when the event loop handles the card.
+    let m = mem();
+    let (mut t, _) = net_transport(&[], MAC, true, &m);
+    let features = t.device.features();
+    negotiate(&mut t, features);
+    setup_queue(&mut t, 0, 16, [DESC, AVAIL, USED], true);
+    setup_queue(&mut t, 1, 16, TX_RINGS, true);
+    driver_ok(&mut t);
+    assert_eq!(
+        rd(&mut t, 0x70) & status::NEEDS_RESET,
+        0,
+        "no host call yet"
+    );
+    // The refusing backend now fails the card: DEVICE_NEEDS_RESET, as an activation
+    // that cannot match the offloads did before.
+    t.queue_event(0);
+    assert_eq!(rd(&mut t, 0x70) & status::NEEDS_RESET, status::NEEDS_RESET);
+}
