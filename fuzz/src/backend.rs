@@ -1,6 +1,6 @@
 //! An in-memory virtio-net backend whose every answer comes from the fuzzer: frames to
-//! receive, and whether a read, write or flush succeeds, would block, or fails as a
-//! dead connection or otherwise. Frames it takes are checked against the contract
+//! receive, whether a read, write or flush succeeds, would block, or fails as a dead
+//! connection or otherwise, and how a reconnection goes. Frames it takes are checked against the contract
 //! (a header and at most `MAX_FRAME` bytes).
 
 use std::io;
@@ -105,6 +105,22 @@ impl Backend for ScriptedBackend {
         match self.next() {
             op @ 0..=3 => Err(self.failure(op)),
             _ => Ok(()),
+        }
+    }
+
+    fn start_reconnect(&mut self) -> io::Result<()> {
+        match self.next() {
+            0 => Err(io::Error::other("no supervisor")),
+            _ => Ok(()),
+        }
+    }
+
+    /// 0: not yet (also past the script's end), 1: failed, else connected.
+    fn finish_reconnect(&mut self) -> io::Result<bool> {
+        match self.next() {
+            0 => Ok(false),
+            1 => Err(io::Error::other("the new connection failed")),
+            _ => Ok(true),
         }
     }
 }

@@ -164,8 +164,8 @@ fn net_input(s: &NetSeed, image: &[u8]) -> Vec<u8> {
     w.0
 }
 
-/// virtio-net: TX, RX with and without merged buffers, a full backend, the control
-/// queue's announce acknowledgement.
+/// virtio-net: TX, RX with and without merged buffers, a full backend, a lost and
+/// regained connection, the control queue's announce acknowledgement.
 pub fn net() -> Seeds {
     let [rx, tx, ctrl] = &NET_QUEUES;
     let base = F_MAC | F_STATUS;
@@ -189,6 +189,13 @@ pub fn net() -> Seeds {
         events: vec![ev::TX, ev::BACKEND_OUT],
     };
     out.push(("tx-blocked", net_input(&s, &image)));
+    // The connection dies on a write; a reconnection is asked for and comes.
+    let s = NetSeed {
+        features: base,
+        script: vec![2, 1, 2, 4],
+        events: vec![ev::TX, ev::TX, ev::SNAPSHOT],
+    };
+    out.push(("tx-reconnect", net_input(&s, &image)));
 
     let mut image = Vec::new();
     for i in 0..2u16 {

@@ -50,8 +50,12 @@ fn event(dev: &mut Net, rig: &mut Rig, b: u8, setup: &Setup) -> bool {
         acked,
         offloads,
     } = *setup;
+    // The transport has the device catch up with the host before every queue or
+    // backend event (it runs on the event loop's thread).
     let result = match b & 7 {
-        0..=3 => dev.queue_event(rig.ctx(), usize::from(b & 3)),
+        0..=3 => dev
+            .sync_host()
+            .and_then(|()| dev.queue_event(rig.ctx(), usize::from(b & 3))),
         4 => {
             let bits = [
                 libc::EPOLLIN,
@@ -64,7 +68,8 @@ fn event(dev: &mut Net, rig: &mut Rig, b: u8, setup: &Setup) -> bool {
                 .enumerate()
                 .filter(|(i, _)| b & (0x10 << i) != 0)
                 .fold(0u32, |acc, (_, &e)| acc | e as u32);
-            dev.backend_event(rig.ctx(), events)
+            dev.sync_host()
+                .and_then(|()| dev.backend_event(rig.ctx(), events))
         }
         5 => {
             // As a snapshot's restore does: into a fresh device on the same backend kind.
