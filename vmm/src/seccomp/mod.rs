@@ -165,11 +165,6 @@ pub fn configure(filters: Option<Filters>) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// Whether threads get filters.
-pub fn enabled() -> bool {
-    matches!(FILTERS.get(), Some(Some(_)))
-}
-
 thread_local! {
     /// This thread's name, for the SIGSYS handler (which may not allocate).
     static NAME: Cell<([u8; 16], usize)> = const { Cell::new(([0; 16], 0)) };
