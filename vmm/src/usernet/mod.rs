@@ -325,13 +325,13 @@ pub fn check(cfg: &UserNetConfig) -> Result<(), UserNetError> {
     check_ports(cfg)
 }
 
-/// Starts user-mode networking for `cfg`: checks the forwards' host ports, starts the
+/// Starts user-mode networking for `cfg`: checks it ([`check`]), starts the
 /// supervisor process and through it passt, and returns wisp's end of the connection
 /// plus the handle that asks the supervisor for a new passt when this one dies.
 pub fn start(
     cfg: &UserNetConfig,
 ) -> Result<(UnixStream, Box<dyn devices::virtio::net::stream::Reconnect>), UserNetError> {
-    check_ports(cfg)?;
+    check(cfg)?;
     let (supervisor, stream) = Supervisor::start(cfg)?;
     Ok((stream, Box::new(supervisor)))
 }

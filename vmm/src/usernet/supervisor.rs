@@ -25,7 +25,7 @@ use devices::virtio::net::stream::Reconnect;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::passt::Passt;
-use super::{find_on_path, UserNetConfig, UserNetError, PASST};
+use super::{UserNetConfig, UserNetError};
 
 /// The descriptor the supervisor finds its end of the socketpair on.
 const CHANNEL_FD: RawFd = 3;
@@ -89,7 +89,6 @@ impl Supervisor {
     /// Starts the supervisor and, through it, the first passt; returns wisp's end of
     /// passt's connection. Blocks until passt is ready or failed.
     pub fn start(cfg: &UserNetConfig) -> Result<(Supervisor, UnixStream), UserNetError> {
-        find_on_path(PASST).ok_or(UserNetError::NotInstalled)?;
         let exe = std::env::current_exe().map_err(UserNetError::Spawn)?;
         let json = serde_json::to_string(cfg).map_err(|e| UserNetError::Spawn(e.into()))?;
         let (ours, theirs) = seqpacket_pair().map_err(UserNetError::Spawn)?;

@@ -181,6 +181,8 @@ impl Tap {
     /// Fails as [`Tap::open`] would if interface `name` does not exist (opens nothing).
     pub fn check_exists(name: &str) -> Result<(), TapError> {
         IfReq::new(name)?;
+        // Ask the kernel, not sysfs: sysfs shows the namespace it was mounted in, which
+        // need not be ours.
         match ifindex(name) {
             Some(_) => Ok(()),
             None => Err(TapError::NoSuchTap(name.to_string())),
@@ -199,11 +201,7 @@ impl Tap {
     /// Opens the existing TAP `name`.
     pub fn open(name: &str) -> Result<Self, TapError> {
         let mut ifr = IfReq::new(name)?;
-        // Ask the kernel, not sysfs: sysfs shows the namespace it was mounted in, which
-        // need not be ours.
-        if ifindex(name).is_none() {
-            return Err(TapError::NoSuchTap(name.to_string()));
-        }
+        Self::check_exists(name)?;
         let file = Self::open_tun()?;
         ifr.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
         ifreq_ioctl(file.as_raw_fd(), TUNSETIFF, &mut ifr).map_err(|e| match e.raw_os_error() {
@@ -222,10 +220,7 @@ impl Tap {
     /// Creates a new TAP (named from `template`, e.g. `wisp%d`), brings it up and
     /// attaches it to `bridge`. It disappears when wisp closes it.
     pub fn create_on_bridge(template: &str, bridge: &str) -> Result<Self, TapError> {
-        IfReq::new(bridge)?;
-        if ifindex(bridge).is_none() {
-            return Err(TapError::NoSuchBridge(bridge.to_string()));
-        }
+        Self::check_bridge(bridge)?;
         let mut ifr = IfReq::new(template)?;
         let file = Self::open_tun()?;
         ifr.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL);
