@@ -23,6 +23,7 @@ PKGS=(
     passt              # user-mode networking backend (--net user)
     dropbear-bin       # the guest's SSH server; dbclient for the tests
     runc crun          # OCI runtimes: the container kinds of `wisp bench`
+    containerd         # ctr and containerd: the tests of containerd-shim-wisp-v2
     qemu-system-x86    # QEMU's microvm machine: a peer VMM for `wisp bench`
 )
 

@@ -11,7 +11,11 @@
  *   env      one NAME=value (repeated)
  *   cwd      working directory
  *   uid, gid numeric user and group
+ *   group    one supplementary group (repeated; none: no supplementary groups)
  *   hostname the guest's host name
+ *   tty      "raw": the console in raw mode for the process (no echo, no
+ *            line editing, bytes out unchanged), as a pipe would be; absent:
+ *            a terminal as usual
  *
  * Order:
  *   1. mount /proc, /sys, /dev; read /wisp/run;
@@ -34,6 +38,7 @@
 
 #define EXIT_PORT 0x500
 #define MAX_WORDS 512
+#define MAX_GROUPS 64
 #define RUN_FILE "/wisp/run"
 
 static char run_buf[256 * 1024];
@@ -41,6 +46,17 @@ static char *args[MAX_WORDS + 1];
 static char *envs[MAX_WORDS + 1];
 static const char *disk = "/dev/vda", *cwd = "/", *hostname = "wisp";
 static long uid, gid;
+static unsigned int groups[MAX_GROUPS];
+static int ngroups;
+static int raw_tty;
+
+/* struct termios of the kernel (asm-generic/termbits.h) and the flags cfmakeraw clears */
+struct wisp_termios {
+	unsigned int iflag, oflag, cflag, lflag;
+	unsigned char line, cc[19];
+};
+#define WISP_TCGETS 0x5401
+#define WISP_TCSETS 0x5402
 
 static void say(const char *s)
 {
@@ -112,10 +128,14 @@ static void read_run(void)
 			uid = number(val);
 		else if (!strcmp(key, "gid"))
 			gid = number(val);
+		else if (!strcmp(key, "group") && ngroups < MAX_GROUPS)
+			groups[ngroups++] = number(val);
 		else if (!strcmp(key, "disk"))
 			disk = val;
 		else if (!strcmp(key, "hostname"))
 			hostname = val;
+		else if (!strcmp(key, "tty"))
+			raw_tty = !strcmp(val, "raw");
 	}
 	if (na == 0)
 		fail("no command in", RUN_FILE);
@@ -189,6 +209,22 @@ static void exec_command(void)
 	fail("command not found:", args[0]);
 }
 
+/* cfmakeraw on stdin's tty: what the process writes reaches the host unchanged */
+static void make_raw(void)
+{
+	struct wisp_termios t;
+
+	if (ioctl(0, WISP_TCGETS, &t) != 0)
+		return;
+	t.iflag &= ~(01 | 02 | 010 | 040 | 0100 | 0200 | 0400 | 02000);
+	t.oflag &= ~01;				/* OPOST */
+	t.lflag &= ~(01 | 02 | 010 | 0100 | 0100000); /* ISIG ICANON ECHO ECHONL IEXTEN */
+	t.cflag = (t.cflag & ~(060 | 0400)) | 060; /* CS8, no parity */
+	t.cc[6] = 1;				/* VMIN */
+	t.cc[5] = 0;				/* VTIME */
+	ioctl(0, WISP_TCSETS, &t);
+}
+
 static pid_t start(const char *tty, unsigned long *mask)
 {
 	pid_t pid = fork();
@@ -198,11 +234,13 @@ static pid_t start(const char *tty, unsigned long *mask)
 	/* PID 1 blocked these for its signalfd; the process gets them as usual */
 	my_syscall4(__NR_rt_sigprocmask, SIG_UNBLOCK, mask, 0, sizeof(*mask));
 	take_console(tty);
+	if (raw_tty)
+		make_raw();
 	if (chroot("/newroot") != 0)
 		fail("cannot chroot into", "/newroot");
 	if (chdir(cwd) != 0)
 		fail("no working directory", cwd);
-	if (my_syscall2(__NR_setgroups, 0, 0) != 0 ||
+	if (my_syscall2(__NR_setgroups, ngroups, groups) != 0 ||
 	    my_syscall1(__NR_setgid, gid) != 0 || my_syscall1(__NR_setuid, uid) != 0)
 		fail("cannot become the image's user", 0);
 	exec_command();

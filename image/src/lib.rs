@@ -3,6 +3,7 @@
 //! layers with their whiteouts, and pack the result into an ext4 image, cached by the
 //! image's id so a second run converts nothing.
 
+pub mod bundle;
 pub mod cache;
 pub mod convert;
 pub mod cpio;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+pub use bundle::Bundle;
 pub use reference::{ImageRef, RefError};
 pub use source::Image;
 

@@ -10,6 +10,8 @@ use crate::ImageError;
 /// At most this many argv words, and as many variables: the guest's init has room
 /// for 512 of each (guest/image-init/init.c, MAX_WORDS).
 pub const MAX_WORDS: usize = 512;
+/// At most this many supplementary groups (init.c, MAX_GROUPS).
+pub const MAX_GROUPS: usize = 64;
 /// The largest `/wisp/run` the guest's init reads whole (its buffer is 256 KiB).
 pub const MAX_RUN_FILE: usize = 255 * 1024;
 
@@ -29,6 +31,13 @@ pub struct Process {
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+    /// Supplementary groups (`setgroups`); none for images, as `docker run` without
+    /// `--group-add`.
+    pub groups: Vec<u32>,
+    /// Whether the console stays a terminal for the process (echo, line editing,
+    /// "\n" written as "\r\n"); false: the guest's init puts it in raw mode, so its
+    /// bytes pass unchanged, as through a pipe.
+    pub terminal: bool,
 }
 
 /// What the user asked for on top of the image.
@@ -168,7 +177,16 @@ pub fn resolve(
         cwd,
         uid,
         gid,
+        groups: Vec::new(),
+        terminal: true,
     };
+    check(&p, &over.hostname)?;
+    Ok(p)
+}
+
+/// Checks what the guest's init can take: no NUL byte, at most [`MAX_WORDS`] words and
+/// variables, and a `/wisp/run` of at most [`MAX_RUN_FILE`] bytes.
+pub fn check(p: &Process, hostname: &str) -> Result<(), ImageError> {
     if p.args
         .iter()
         .chain(&p.env)
@@ -186,13 +204,13 @@ pub fn resolve(
             p.env.len()
         )));
     }
-    let size = run_file(&p, "/dev/vda", &over.hostname).len();
+    let size = run_file(p, "/dev/vda", hostname).len();
     if size > MAX_RUN_FILE {
         return Err(bad(format!(
             "its command and environment take {size} bytes; wisp passes at most {MAX_RUN_FILE}"
         )));
     }
-    Ok(p)
+    Ok(())
 }
 
 /// The config of an image that has none (`dir:`): the command comes from wisp's
@@ -215,6 +233,12 @@ pub fn run_file(p: &Process, disk: &str, hostname: &str) -> Vec<u8> {
     put("cwd", &p.cwd);
     put("uid", &p.uid.to_string());
     put("gid", &p.gid.to_string());
+    for g in &p.groups {
+        put("group", &g.to_string());
+    }
+    if !p.terminal {
+        put("tty", "raw");
+    }
     for a in &p.args {
         put("arg", a);
     }
@@ -337,6 +361,8 @@ mod tests {
             cwd: "/".into(),
             uid: 1,
             gid: 2,
+            groups: vec![4, 5],
+            terminal: true,
         };
         let f = run_file(&p, "/dev/vda", "h");
         let words: Vec<&[u8]> = f.split(|b| *b == 0).collect();
@@ -348,8 +374,8 @@ mod tests {
         assert_eq!(
             text[..text.len() - 1],
             [
-                "disk", "/dev/vda", "hostname", "h", "cwd", "/", "uid", "1", "gid", "2", "arg",
-                "ls", "arg", "-l", "env", "A=1"
+                "disk", "/dev/vda", "hostname", "h", "cwd", "/", "uid", "1", "gid", "2", "group",
+                "4", "group", "5", "arg", "ls", "arg", "-l", "env", "A=1"
             ]
         );
     }

@@ -12,7 +12,8 @@ pub enum RefError {
     /// No known transport prefix.
     #[error(
         "image {0:?}: say which kind it is: oci:DIR[:TAG] (an OCI layout), \
-         docker-archive:FILE (docker save) or dir:PATH (an unpacked root)"
+         docker-archive:FILE (docker save), dir:PATH (an unpacked root) or \
+         bundle:DIR (an OCI runtime bundle, as runc runs)"
     )]
     NoTransport(String),
     /// A prefix without a path.
@@ -34,6 +35,8 @@ pub enum ImageRef {
     DockerArchive(PathBuf),
     /// An unpacked root file system (no image config: the command must be given).
     Dir(PathBuf),
+    /// An OCI runtime bundle: `config.json` (the process) and its root file system.
+    Bundle(PathBuf),
 }
 
 impl ImageRef {
@@ -64,6 +67,7 @@ impl ImageRef {
             }
             "docker-archive" => Ok(ImageRef::DockerArchive(need(rest)?)),
             "dir" => Ok(ImageRef::Dir(need(rest)?)),
+            "bundle" => Ok(ImageRef::Bundle(need(rest)?)),
             _ => Err(RefError::NoTransport(text.to_string())),
         }
     }
@@ -76,6 +80,7 @@ impl fmt::Display for ImageRef {
             ImageRef::Oci { dir, tag: None } => write!(f, "oci:{}", dir.display()),
             ImageRef::DockerArchive(p) => write!(f, "docker-archive:{}", p.display()),
             ImageRef::Dir(p) => write!(f, "dir:{}", p.display()),
+            ImageRef::Bundle(p) => write!(f, "bundle:{}", p.display()),
         }
     }
 }

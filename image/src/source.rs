@@ -65,12 +65,13 @@ pub struct Image {
     pub layers: Vec<LayerBlob>,
 }
 
-/// Reads the image REF names (an OCI layout or a docker archive; `dir:` has no image).
+/// Reads the image REF names (an OCI layout or a docker archive; `dir:` and `bundle:`
+/// have no image).
 pub fn open(reference: &ImageRef) -> Result<Image, ImageError> {
     let (config_bytes, id, layers) = match reference {
         ImageRef::Oci { dir, tag } => oci_layout(dir, tag.as_deref())?,
         ImageRef::DockerArchive(file) => docker_archive(file)?,
-        ImageRef::Dir(_) => {
+        ImageRef::Dir(_) | ImageRef::Bundle(_) => {
             return Err(ImageError::Malformed {
                 what: reference.to_string(),
                 why: "a directory has no image config".into(),

@@ -118,6 +118,8 @@ impl Oci {
             cwd: "/".into(),
             uid: 0,
             gid: 0,
+            groups: Vec::new(),
+            terminal: false,
         };
         let mut config = bundle_config(&init, &self.env.workload.rootfs, true, netns);
         config["process"]["rlimits"] =

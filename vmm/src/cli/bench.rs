@@ -131,8 +131,11 @@ fn prepare_image(
 ) -> Result<wisp_bench::image_mode::ImageWorkload> {
     use wisp_image::process::Overrides;
     let r = wisp_image::ImageRef::parse(reference)?;
-    if matches!(r, wisp_image::ImageRef::Dir(_)) {
-        bail!("wisp bench --image takes oci:DIR[:TAG] or docker-archive:FILE (a dir: root has no config and no cache)");
+    if matches!(
+        r,
+        wisp_image::ImageRef::Dir(_) | wisp_image::ImageRef::Bundle(_)
+    ) {
+        bail!("wisp bench --image takes oci:DIR[:TAG] or docker-archive:FILE (a dir: root or a bundle: has no image config and no cache)");
     }
     let over = Overrides {
         cmd: command.to_vec(),

@@ -22,7 +22,9 @@ const IMAGE_DISK_ID: &str = "wisp-image";
 pub struct ImageArgs {
     /// Run an image instead of a kernel's own userland: `oci:DIR[:TAG]` (an OCI image
     /// layout, as `skopeo copy` writes), `docker-archive:FILE` (`docker save`), or
-    /// `dir:PATH` (an unpacked root file system; give the command after --). The
+    /// `dir:PATH` (an unpacked root file system; give the command after --), or
+    /// `bundle:DIR` (an OCI runtime bundle as `runc run` takes: DIR/config.json gives the
+    /// process, user, environment and host name; its root is packed for this run). The
     /// image is converted once into an ext4 disk cached under $XDG_CACHE_HOME/wisp/images
     /// (default ~/.cache/wisp/images); the VM sees it read-only with its writes in a
     /// tmpfs, gone when it exits. wisp exits with the process's status.
@@ -127,6 +129,15 @@ pub fn convert_image(
     Ok((done, p))
 }
 
+/// Packs the root file system `root` (of a `dir:` image or a bundle) into a disk for this
+/// run only, in `work_dir`.
+fn pack_scratch(root: &Path, work_dir: &Path, hostname: &str) -> Result<PathBuf> {
+    let disk = work_dir.join(format!("{hostname}.rootfs.ext4"));
+    log::info!("image: packing {} into ext4 (not cached)", root.display());
+    convert::pack_dir(root, &disk)?;
+    Ok(disk)
+}
+
 /// Converts (or finds converted) the image and writes the run's initramfs to
 /// `work_dir`. `guest_dir` holds image-init.cpio; `hostname` is the VM's name.
 pub fn prepare(
@@ -150,6 +161,7 @@ pub fn prepare(
         env: args.env.clone(),
         hostname: hostname.to_string(),
     };
+    let mut guest_hostname = hostname.to_string();
     let (disk, proc, scratch_disk) = match &r {
         ImageRef::Dir(root) => {
             if !root.is_dir() {
@@ -163,13 +175,17 @@ pub fn prepare(
                 read_plain(root, "etc/passwd").as_deref(),
                 read_plain(root, "etc/group").as_deref(),
             )?;
-            let disk = work_dir.join(format!("{hostname}.rootfs.ext4"));
-            log::info!(
-                "image: packing {} into ext4 (dir: images are not cached)",
-                root.display()
-            );
-            convert::pack_dir(root, &disk)?;
+            let disk = pack_scratch(root, work_dir, hostname)?;
             (disk.clone(), p, Some(disk))
+        }
+        ImageRef::Bundle(dir) => {
+            if !args.command.is_empty() || !args.env.is_empty() {
+                bail!("image {r}: a bundle's config.json gives the command and environment: leave out -- CMD and --env");
+            }
+            let b = wisp_image::Bundle::open(dir)?;
+            guest_hostname = b.hostname.clone();
+            let disk = pack_scratch(&b.rootfs, work_dir, hostname)?;
+            (disk.clone(), b.process, Some(disk))
         }
         _ => {
             let (done, p) = convert_image(&r, &over, &mut |line| log::info!("{line}"))?;
@@ -183,7 +199,7 @@ pub fn prepare(
             (done.entry.disk(), p, None)
         }
     };
-    let run = process::run_file(&proc, "/dev/vda", hostname);
+    let run = process::run_file(&proc, "/dev/vda", &guest_hostname);
     let mut initrd_bytes =
         std::fs::read(&init).with_context(|| format!("cannot read {}", init.display()))?;
     // Linux unpacks concatenated cpio archives one after the other.

@@ -1,0 +1,439 @@
+//! An OCI runtime bundle (a directory holding `config.json` and a root file system, what
+//! `runc run` reads and what containerd hands a shim) as a wisp VM: the process to run,
+//! its host name, the VM size from `linux.resources`, and the network namespace. Fields
+//! a VM cannot honour are refused by name rather than silently dropped; the README's
+//! "containerd and Kubernetes" section lists both kinds.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::process::{self, Process};
+use crate::ImageError;
+
+/// vCPUs when the spec sets no CPU limit.
+pub const DEFAULT_CPUS: u64 = 1;
+/// Guest RAM in MiB when the spec sets no memory limit.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+/// The smallest memory limit a VM can boot with (kernel and init included).
+pub const MIN_MEMORY_MIB: u64 = 64;
+
+/// Mount types the guest kernel provides by itself: wisp's init mounts /proc, /sys,
+/// /dev, /dev/pts and /dev/shm; the others in a spec are not mounted (see README).
+const KERNEL_MOUNTS: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
+];
+
+/// A bundle, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bundle {
+    /// The bundle directory.
+    pub dir: PathBuf,
+    /// The root file system (`root.path`, relative to `dir` unless absolute).
+    pub rootfs: PathBuf,
+    /// What runs.
+    pub process: Process,
+    /// `hostname`, else the bundle directory's name.
+    pub hostname: String,
+    /// vCPUs: `linux.resources.cpu` quota/period rounded up, else the count of its
+    /// `cpus` set, else [`DEFAULT_CPUS`].
+    pub cpus: u64,
+    /// Guest RAM: `linux.resources.memory.limit` in MiB rounded up, else
+    /// [`DEFAULT_MEMORY_MIB`].
+    pub memory_mib: u64,
+    /// The network namespace to join (a `network` namespace with a path, as CNI gives);
+    /// `None`: the VM gets user-mode networking.
+    pub netns: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct Spec {
+    process: Option<SpecProcess>,
+    root: Option<Root>,
+    hostname: Option<String>,
+    #[serde(default)]
+    mounts: Vec<Mount>,
+    linux: Option<Linux>,
+}
+
+#[derive(Deserialize)]
+struct SpecProcess {
+    #[serde(default)]
+    terminal: bool,
+    #[serde(default)]
+    user: User,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: Vec<String>,
+    #[serde(default)]
+    cwd: String,
+    #[serde(rename = "commandLine")]
+    command_line: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct User {
+    #[serde(default)]
+    uid: u32,
+    #[serde(default)]
+    gid: u32,
+    #[serde(rename = "additionalGids", default)]
+    additional_gids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Root {
+    path: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct Mount {
+    destination: String,
+    #[serde(rename = "type")]
+    typ: Option<String>,
+    source: Option<String>,
+    #[serde(default)]
+    options: Vec<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct Linux {
+    resources: Option<Resources>,
+    #[serde(default)]
+    namespaces: Vec<Namespace>,
+    #[serde(default)]
+    devices: Vec<Device>,
+}
+
+#[derive(Default, Deserialize)]
+struct Resources {
+    cpu: Option<Cpu>,
+    memory: Option<Memory>,
+}
+
+#[derive(Default, Deserialize)]
+struct Cpu {
+    quota: Option<i64>,
+    period: Option<u64>,
+    cpus: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct Memory {
+    limit: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct Namespace {
+    #[serde(rename = "type")]
+    typ: String,
+    path: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct Device {
+    path: String,
+}
+
+impl Bundle {
+    /// Reads and checks `dir/config.json`. Every refusal names the field and why.
+    pub fn open(dir: &Path) -> Result<Bundle, ImageError> {
+        let file = dir.join("config.json");
+        let text = std::fs::read_to_string(&file).map_err(|source| ImageError::Read {
+            what: file.display().to_string(),
+            source,
+        })?;
+        let spec: Spec = serde_json::from_str(&text).map_err(|e| bad(dir, e.to_string()))?;
+        Self::from_spec(dir, spec)
+    }
+
+    /// Parses `text` as the bundle `dir`'s config.json (for tests and fuzzing).
+    pub fn parse(dir: &Path, text: &str) -> Result<Bundle, ImageError> {
+        let spec: Spec = serde_json::from_str(text).map_err(|e| bad(dir, e.to_string()))?;
+        Self::from_spec(dir, spec)
+    }
+
+    fn from_spec(dir: &Path, spec: Spec) -> Result<Bundle, ImageError> {
+        let err = |why: String| bad(dir, why);
+        let p = spec
+            .process
+            .ok_or_else(|| err("it has no process to run".into()))?;
+        if p.command_line.is_some() {
+            return Err(err(
+                "process.commandLine is for Windows; give process.args".into()
+            ));
+        }
+        if p.args.first().is_none_or(|a| a.is_empty()) {
+            return Err(err("process.args is empty: nothing to run".into()));
+        }
+        if !p.cwd.starts_with('/') {
+            return Err(err(format!("process.cwd {:?} is not absolute", p.cwd)));
+        }
+        if p.user.additional_gids.len() > process::MAX_GROUPS {
+            return Err(err(format!(
+                "process.user.additionalGids has {} groups; wisp's init takes at most {}",
+                p.user.additional_gids.len(),
+                process::MAX_GROUPS
+            )));
+        }
+        let root = spec
+            .root
+            .ok_or_else(|| err("it has no root (root.path)".into()))?;
+        let rootfs = if root.path.is_absolute() {
+            root.path
+        } else {
+            dir.join(root.path)
+        };
+        if !rootfs.is_dir() {
+            return Err(err(format!(
+                "its root file system {} is not a directory (root.path)",
+                rootfs.display()
+            )));
+        }
+        for m in &spec.mounts {
+            check_mount(m).map_err(&err)?;
+        }
+        let linux = spec.linux.unwrap_or_default();
+        if let Some(d) = linux.devices.first() {
+            return Err(err(format!(
+                "linux.devices names {}: a wisp VM has no host devices; its guest has its own /dev",
+                d.path
+            )));
+        }
+        let mut netns = None;
+        for ns in &linux.namespaces {
+            match (ns.typ.as_str(), &ns.path) {
+                ("network", Some(path)) => netns = Some(path.clone()),
+                // The sandbox's namespaces (Kubernetes passes ipc and uts paths): the
+                // VM has its own kernel, so joining them has no meaning.
+                ("ipc" | "uts" | "cgroup" | "mount", _) | (_, None) => {}
+                (other, Some(path)) => {
+                    return Err(err(format!(
+                        "joining the {other} namespace {} is not supported: the process runs \
+                         in a VM with a kernel of its own",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        let res = linux.resources.unwrap_or_default();
+        let cpus = cpus(res.cpu.unwrap_or_default()).map_err(&err)?;
+        let memory_mib = memory(res.memory.unwrap_or_default()).map_err(&err)?;
+        let hostname = match spec.hostname.filter(|h| !h.is_empty()) {
+            Some(h) => h,
+            None => dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "wisp".into()),
+        };
+        let process = Process {
+            args: p.args,
+            env: p.env,
+            cwd: p.cwd,
+            uid: p.user.uid,
+            gid: p.user.gid,
+            groups: p.user.additional_gids,
+            terminal: p.terminal,
+        };
+        process::check(&process, &hostname)?;
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            rootfs,
+            process,
+            hostname,
+            cpus,
+            memory_mib,
+            netns,
+        })
+    }
+}
+
+fn bad(dir: &Path, why: String) -> ImageError {
+    ImageError::Malformed {
+        what: format!("bundle {}: config.json", dir.display()),
+        why,
+    }
+}
+
+fn check_mount(m: &Mount) -> Result<(), String> {
+    let bind =
+        m.typ.as_deref() == Some("bind") || m.options.iter().any(|o| o == "bind" || o == "rbind");
+    if bind {
+        return Err(format!(
+            "the bind mount of {} at {} is not supported: a wisp VM does not see host \
+             files; put them in the image",
+            m.source.as_deref().unwrap_or("?"),
+            m.destination
+        ));
+    }
+    match m.typ.as_deref() {
+        Some(t) if KERNEL_MOUNTS.contains(&t) => Ok(()),
+        t => Err(format!(
+            "the mount at {} has type {}: only the guest kernel's own file systems ({}) \
+             are supported",
+            m.destination,
+            t.unwrap_or("(none)"),
+            KERNEL_MOUNTS.join(", ")
+        )),
+    }
+}
+
+fn cpus(c: Cpu) -> Result<u64, String> {
+    if let (Some(quota), Some(period)) = (c.quota, c.period) {
+        if quota > 0 && period > 0 {
+            return Ok((quota as u64).div_ceil(period).max(1));
+        }
+    }
+    match c.cpus.as_deref().filter(|s| !s.is_empty()) {
+        Some(set) => cpu_set_len(set).ok_or_else(|| {
+            format!("linux.resources.cpu.cpus {set:?} is not a CPU list like 0-3,6")
+        }),
+        None => Ok(DEFAULT_CPUS),
+    }
+}
+
+/// How many CPUs a list like `0-3,6` names.
+fn cpu_set_len(set: &str) -> Option<u64> {
+    let mut n = 0u64;
+    for part in set.split(',') {
+        let (a, b) = match part.trim().split_once('-') {
+            Some((a, b)) => (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?),
+            None => {
+                let a = part.trim().parse::<u64>().ok()?;
+                (a, a)
+            }
+        };
+        n = n.checked_add(b.checked_sub(a)?.checked_add(1)?)?;
+    }
+    Some(n)
+}
+
+fn memory(m: Memory) -> Result<u64, String> {
+    match m.limit {
+        Some(limit) if limit > 0 => {
+            let mib = (limit as u64).div_ceil(1 << 20);
+            if mib < MIN_MEMORY_MIB {
+                return Err(format!(
+                    "linux.resources.memory.limit is {mib} MiB; a wisp VM needs at least \
+                     {MIN_MEMORY_MIB} MiB (its kernel and init run in it)"
+                ));
+            }
+            Ok(mib)
+        }
+        _ => Ok(DEFAULT_MEMORY_MIB),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn bundle(spec: serde_json::Value) -> Result<Bundle, String> {
+        let dir = std::env::temp_dir().join(format!("wisp-bundle-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        Bundle::parse(&dir, &spec.to_string()).map_err(|e| e.to_string())
+    }
+
+    fn spec(extra: serde_json::Value) -> serde_json::Value {
+        let mut s = json!({
+            "ociVersion": "1.0.2",
+            "process": { "args": ["/bin/echo", "hi"], "env": ["PATH=/bin"], "cwd": "/",
+                         "user": { "uid": 1000, "gid": 100, "additionalGids": [10, 20] } },
+            "root": { "path": "rootfs" },
+            "hostname": "box",
+            "mounts": [ { "destination": "/proc", "type": "proc", "source": "proc" },
+                        { "destination": "/dev/shm", "type": "tmpfs", "source": "shm" } ],
+            "linux": { "namespaces": [ { "type": "pid" }, { "type": "network" } ] }
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        s
+    }
+
+    #[test]
+    fn a_plain_spec_gives_its_process_and_the_defaults() {
+        let b = bundle(spec(json!({}))).unwrap();
+        assert_eq!(b.process.args, ["/bin/echo", "hi"]);
+        assert_eq!((b.process.uid, b.process.gid), (1000, 100));
+        assert_eq!(b.process.groups, [10, 20]);
+        assert!(!b.process.terminal);
+        assert_eq!(b.hostname, "box");
+        assert_eq!((b.cpus, b.memory_mib), (DEFAULT_CPUS, DEFAULT_MEMORY_MIB));
+        assert_eq!(b.netns, None);
+        assert!(b.rootfs.ends_with("rootfs"));
+    }
+
+    #[test]
+    fn resources_size_the_vm() {
+        let linux = |r: serde_json::Value| spec(json!({ "linux": { "resources": r } }));
+        let b = bundle(linux(json!({ "cpu": { "quota": 150000, "period": 100000 },
+                                     "memory": { "limit": 268435456 } })))
+        .unwrap();
+        assert_eq!((b.cpus, b.memory_mib), (2, 256));
+        let b = bundle(linux(json!({ "cpu": { "cpus": "0-2,5" } }))).unwrap();
+        assert_eq!(b.cpus, 4);
+        let e = bundle(linux(json!({ "memory": { "limit": 1048576 } }))).unwrap_err();
+        assert!(e.contains("at least 64 MiB"), "{e}");
+        let e = bundle(linux(json!({ "cpu": { "cpus": "3-1" } }))).unwrap_err();
+        assert!(e.contains("not a CPU list"), "{e}");
+    }
+
+    #[test]
+    fn a_network_namespace_path_is_joined_and_others_are_refused() {
+        let ns = |n: serde_json::Value| spec(json!({ "linux": { "namespaces": n } }));
+        let b = bundle(ns(
+            json!([{ "type": "network", "path": "/var/run/netns/x" },
+                                 { "type": "ipc", "path": "/proc/1/ns/ipc" }]),
+        ))
+        .unwrap();
+        assert_eq!(b.netns, Some(PathBuf::from("/var/run/netns/x")));
+        let e = bundle(ns(json!([{ "type": "pid", "path": "/proc/1/ns/pid" }]))).unwrap_err();
+        assert!(
+            e.contains("pid namespace /proc/1/ns/pid is not supported"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn what_a_vm_cannot_honour_is_refused_by_name() {
+        let cases = [
+            (json!({ "process": null }), "no process"),
+            (
+                json!({ "process": { "args": [], "cwd": "/" } }),
+                "process.args is empty",
+            ),
+            (
+                json!({ "process": { "args": ["x"], "cwd": "rel" } }),
+                "not absolute",
+            ),
+            (
+                json!({ "process": { "args": ["x"], "cwd": "/", "user": { "uid": 0, "gid": 0, "additionalGids": (0..100).collect::<Vec<u32>>() } } }),
+                "additionalGids has 100 groups",
+            ),
+            (
+                json!({ "root": { "path": "missing" } }),
+                "is not a directory",
+            ),
+            (
+                json!({ "mounts": [{ "destination": "/data", "type": "bind", "source": "/srv", "options": ["rbind"] }] }),
+                "bind mount of /srv at /data",
+            ),
+            (
+                json!({ "mounts": [{ "destination": "/data", "type": "nfs", "source": "h:/x" }] }),
+                "has type nfs",
+            ),
+            (
+                json!({ "linux": { "devices": [{ "path": "/dev/fuse", "type": "c", "major": 10, "minor": 229 }] } }),
+                "linux.devices names /dev/fuse",
+            ),
+            (json!({ "hostname": 5 }), "config.json"),
+        ];
+        for (extra, want) in cases {
+            let e = bundle(spec(extra.clone())).unwrap_err();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
+}
