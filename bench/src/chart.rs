@@ -29,6 +29,8 @@ fn colour(kind: crate::kinds::KindName) -> RGBColor {
         WispRestore => RGBColor(23, 190, 207),
         Runc => RGBColor(255, 127, 14),
         Crun => RGBColor(214, 39, 40),
+        ContainerdRunc => RGBColor(188, 128, 34),
+        ContainerdWisp => RGBColor(44, 160, 44),
         QemuMicrovm => RGBColor(148, 103, 189),
         Firecracker => RGBColor(140, 86, 75),
     }

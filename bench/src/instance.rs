@@ -28,7 +28,19 @@ pub struct Instance {
     launcher_cpu_ms: f64,
     /// Set once the launcher has been reaped (by [`Instance::detach`]).
     detached: bool,
+    /// Finds the instance's root once it is ready, for a launcher that stays attached
+    /// while a daemon's child runs the instance (`ctr run`, a containerd shim).
+    root_finder: Option<RootFinder>,
+    /// Processes outside the root's tree whose CPU time counts towards the instance's,
+    /// each with the CPU time (ms) it had spent before the instance started.
+    also_cpu: Vec<(u32, f64)>,
+    /// How long the launcher may take to exit by itself after the teardown commands
+    /// (cleaning up after the instance) before it is killed.
+    stop_grace: Duration,
 }
+
+/// See [`Instance::find_root_when_ready`].
+pub type RootFinder = Box<dyn FnOnce() -> Result<u32, String> + Send>;
 
 impl Instance {
     /// Spawns `cmd` with stdout and stderr watched for `marker`.
@@ -58,6 +70,9 @@ impl Instance {
             root,
             launcher_cpu_ms: 0.0,
             detached: false,
+            root_finder: None,
+            also_cpu: Vec::new(),
+            stop_grace: Duration::ZERO,
         })
     }
 
@@ -105,9 +120,46 @@ impl Instance {
         Ok(())
     }
 
-    /// The CPU time of a launcher that exited (see [`Instance::detach`]), ms.
+    /// For a launcher that stays attached while the instance is a daemon's child: once
+    /// the marker is seen, `find` names the instance's root, and from then on the
+    /// launcher's CPU time counts as a launcher's (its memory does not: it is a client).
+    pub fn find_root_when_ready(&mut self, find: RootFinder) {
+        self.root_finder = Some(find);
+    }
+
+    /// Counts the CPU time process `pid` spends from now on (it had spent `since_ms`
+    /// before) towards the instance's: a daemon working for it.
+    pub fn count_cpu_of(&mut self, pid: u32, since_ms: f64) {
+        self.also_cpu.push((pid, since_ms));
+    }
+
+    /// Gives the launcher up to `limit` to exit by itself after the teardown commands,
+    /// before [`Instance::stop`] kills it.
+    pub fn stop_grace(&mut self, limit: Duration) {
+        self.stop_grace = limit;
+    }
+
+    /// The CPU time of a launcher that exited (see [`Instance::detach`]), or of one that
+    /// stays attached (see [`Instance::find_root_when_ready`]), and of the processes
+    /// counted with [`Instance::count_cpu_of`], ms.
     pub fn launcher_cpu_ms(&self) -> f64 {
-        self.launcher_cpu_ms
+        let also: f64 = self
+            .also_cpu
+            .iter()
+            .map(|(pid, since)| (crate::procfs::cpu_ms(&[*pid]) - since).max(0.0))
+            .sum();
+        self.launcher_cpu_ms + also
+    }
+
+    /// Runs the root finder, if there is one, now that the instance is ready.
+    fn adopt_root(&mut self) -> Result<(), String> {
+        let Some(find) = self.root_finder.take() else {
+            return Ok(());
+        };
+        let root = find().map_err(|why| self.why_not_ready(&why))?;
+        self.also_cpu.push((self.child.id(), 0.0));
+        self.root = root;
+        Ok(())
     }
 
     /// Adds a command to run when the instance is stopped.
@@ -126,7 +178,7 @@ impl Instance {
         let deadline = Instant::now() + limit;
         loop {
             match self.marker.recv_timeout(Duration::from_millis(100)) {
-                Ok(at) => return Ok(at),
+                Ok(at) => return self.adopt_root().map(|()| at),
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(self.why_not_ready("its output ended"))
                 }
@@ -135,7 +187,7 @@ impl Instance {
             if !self.running() {
                 // Output may still be in the pipe: one last look.
                 if let Ok(at) = self.marker.recv_timeout(Duration::from_millis(200)) {
-                    return Ok(at);
+                    return self.adopt_root().map(|()| at);
                 }
                 return Err(self.why_not_ready("it exited"));
             }
@@ -150,7 +202,8 @@ impl Instance {
         }
     }
 
-    /// Whether the instance is still running.
+    /// Whether the instance is still running (while its launcher stays attached:
+    /// whether the launcher is).
     pub fn running(&mut self) -> bool {
         if self.detached {
             crate::procfs::alive(self.root)
@@ -185,12 +238,17 @@ impl Instance {
         }
     }
 
-    /// Takes the instance down: its teardown commands, then SIGKILL, then reaps it.
+    /// Takes the instance down: its teardown commands, then (after the launcher's stop
+    /// grace) SIGKILL, then reaps it.
     pub fn stop(mut self) {
         for mut cmd in std::mem::take(&mut self.teardown) {
             let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
         if !self.detached {
+            let deadline = Instant::now() + self.stop_grace;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -253,6 +311,33 @@ mod tests {
         let at = i.wait_marker(Duration::from_secs(10)).unwrap();
         assert!(at.duration_since(i.spawned) >= Duration::from_millis(150));
         assert!(i.running());
+        i.stop();
+    }
+
+    #[test]
+    fn a_root_found_when_ready_becomes_the_instance() {
+        let other = Command::new("sleep").arg("5").spawn().unwrap();
+        let other_pid = other.id();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo WISP-BENCH-READY; sleep 5"]);
+        let mut i = Instance::spawn(cmd, "WISP-BENCH-READY").unwrap();
+        let launcher = i.pid();
+        i.find_root_when_ready(Box::new(move || Ok(other_pid)));
+        i.wait_marker(Duration::from_secs(10)).unwrap();
+        assert_eq!(i.pid(), other_pid);
+        assert_eq!(i.also_cpu, [(launcher, 0.0)]);
+        assert!(i.running(), "the launcher still runs");
+        i.stop();
+        let mut other = other;
+        let _ = other.kill();
+        let _ = other.wait();
+
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo WISP-BENCH-READY; sleep 5"]);
+        let mut i = Instance::spawn(cmd, "WISP-BENCH-READY").unwrap();
+        i.find_root_when_ready(Box::new(|| Err("no shim for it".into())));
+        let why = i.wait_marker(Duration::from_secs(10)).unwrap_err();
+        assert!(why.starts_with("no shim for it"), "{why}");
         i.stop();
     }
 

@@ -9,6 +9,7 @@
 //! to wisp's; timings are reported, never judged.
 
 pub mod chart;
+pub mod containerd;
 pub mod http;
 pub mod image_mode;
 mod instance;

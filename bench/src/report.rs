@@ -341,7 +341,7 @@ impl Report {
             let _ = write!(out, "\n{} [{}, {better}]\n", f.title, f.unit);
             let _ = writeln!(
                 out,
-                "  {:<14} {:>10} {:>10} {:>10} {:>8}",
+                "  {:<15} {:>10} {:>10} {:>10} {:>8}",
                 "kind", "min", "median", "max", "x wisp"
             );
             for (k, s) in rows {
@@ -351,7 +351,7 @@ impl Report {
                     .map_or_else(|| "-".to_string(), |r| ratio(*r));
                 let _ = writeln!(
                     out,
-                    "  {:<14} {:>10} {:>10} {:>10} {:>8}",
+                    "  {:<15} {:>10} {:>10} {:>10} {:>8}",
                     k.kind.as_str(),
                     num(s.min),
                     num(s.median),
@@ -369,7 +369,7 @@ impl Report {
                 (Status::Failed, Some(n), _) => format!("FAILED: {n}"),
                 _ => String::new(),
             };
-            let _ = writeln!(out, "  {:<14} {what}", k.kind.as_str());
+            let _ = writeln!(out, "  {:<15} {what}", k.kind.as_str());
         }
         out
     }

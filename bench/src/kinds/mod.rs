@@ -1,8 +1,10 @@
 //! The kinds of instance the bench compares, each a way to run the same workload: wisp
-//! (cold boot and restore), OCI runtimes (runc, crun), and other VMMs (QEMU's microvm
+//! (cold boot and restore), OCI runtimes (runc, crun), containerd (with runc, and with
+//! wisp's shim, which makes the container a microVM), and other VMMs (QEMU's microvm
 //! machine, Firecracker). A kind that is not installed, or cannot run here, is skipped
 //! with a one-line note.
 
+mod containerd;
 mod firecracker;
 pub(crate) mod oci;
 mod qemu;
@@ -30,6 +32,11 @@ pub enum KindName {
     Runc,
     /// crun running the same bundle.
     Crun,
+    /// containerd (`ctr run`) running the workload's image with runc.
+    ContainerdRunc,
+    /// containerd (`ctr run --runtime io.containerd.wisp.v2`) running the same image
+    /// as a wisp microVM, through wisp's shim.
+    ContainerdWisp,
     /// QEMU `-M microvm` booting the same kernel and initramfs.
     QemuMicrovm,
     /// Firecracker booting the same kernel and initramfs.
@@ -38,11 +45,13 @@ pub enum KindName {
 
 impl KindName {
     /// Every kind.
-    pub const ALL: [KindName; 6] = [
+    pub const ALL: [KindName; 8] = [
         KindName::Wisp,
         KindName::WispRestore,
         KindName::Runc,
         KindName::Crun,
+        KindName::ContainerdRunc,
+        KindName::ContainerdWisp,
         KindName::QemuMicrovm,
         KindName::Firecracker,
     ];
@@ -54,6 +63,8 @@ impl KindName {
             KindName::WispRestore => "wisp-restore",
             KindName::Runc => "runc",
             KindName::Crun => "crun",
+            KindName::ContainerdRunc => "containerd-runc",
+            KindName::ContainerdWisp => "containerd-wisp",
             KindName::QemuMicrovm => "qemu-microvm",
             KindName::Firecracker => "firecracker",
         }
@@ -66,7 +77,10 @@ impl KindName {
 
     /// Whether it is a virtual machine (its figures include a guest kernel).
     pub fn is_vm(self) -> bool {
-        !matches!(self, KindName::Runc | KindName::Crun)
+        !matches!(
+            self,
+            KindName::Runc | KindName::Crun | KindName::ContainerdRunc
+        )
     }
 }
 
@@ -206,6 +220,9 @@ pub fn detect(name: KindName, env: &Env) -> Result<Box<dyn Kind>, String> {
         KindName::WispRestore => Box::new(wisp::WispRestore::new(env)),
         KindName::Runc => Box::new(oci::Oci::new(env, "runc", KindName::Runc)?),
         KindName::Crun => Box::new(oci::Oci::new(env, "crun", KindName::Crun)?),
+        KindName::ContainerdRunc | KindName::ContainerdWisp => {
+            Box::new(containerd::CtrRun::new(env, name)?)
+        }
         KindName::QemuMicrovm => Box::new(qemu::QemuMicrovm::new(env, peer_kernel(env)?)?),
         KindName::Firecracker => Box::new(firecracker::Firecracker::new(env, peer_kernel(env)?)?),
     })
@@ -241,6 +258,11 @@ mod tests {
         }
         assert_eq!(KindName::parse("docker-desktop"), None);
         assert!(KindName::Wisp.is_vm() && !KindName::Runc.is_vm());
+        assert!(KindName::ContainerdWisp.is_vm() && !KindName::ContainerdRunc.is_vm());
+        assert_eq!(
+            KindName::parse("containerd-wisp"),
+            Some(KindName::ContainerdWisp)
+        );
     }
 
     #[test]

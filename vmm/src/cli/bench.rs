@@ -33,14 +33,25 @@ fn count(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
 WORKLOAD:
   Every kind runs the same thing: the default guest's busybox with a tiny init that
   starts busybox httpd and prints WISP-BENCH-READY. VMs boot it as an initramfs with the
-  default guest's kernel; containers run it as an OCI bundle (read-only root). It is
-  built once and cached in target/bench/.
+  default guest's kernel; containers run it as an OCI bundle (read-only root), and
+  containerd as an image of the same root. It is built once and cached in
+  target/bench/.
 
 KINDS (each skipped with a note when it is not installed or cannot run here):
   wisp          wisp run, a cold boot
   wisp-restore  wisp restore of a snapshot taken at the ready point (timed to its first
                 HTTP answer)
   runc, crun    the OCI runtimes (scripts/install-deps.sh installs them), run -d
+  containerd-runc
+                containerd (Debian's `containerd`: containerd, ctr, runc), a private
+                daemon of the bench's own with the workload as an image, `ctr run
+                --rm` with its default runtime, io.containerd.runc.v2
+  containerd-wisp
+                the same with --runtime io.containerd.wisp.v2: containerd starts
+                containerd-shim-wisp-v2 (built next to wisp: cargo build --release
+                -p wisp-shim) and the container is a wisp microVM
+                (containerd kinds: CPU is the shim's tree's, ctr's and containerd's
+                meanwhile; memory the shim's tree's: the container or the VM)
   qemu-microvm  qemu-system-x86_64 -M microvm, same kernel, initramfs and cmdline
   firecracker   when `firecracker` is on PATH (seccomp off, as wisp has none yet)
   Where guest kernel mode is emulated, QEMU and Firecracker cannot boot the default
@@ -89,8 +100,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
 
-    /// Only these kinds (comma-separated): wisp, wisp-restore, runc, crun, qemu-microvm,
-    /// firecracker. Default: all.
+    /// Only these kinds (comma-separated): wisp, wisp-restore, runc, crun,
+    /// containerd-runc, containerd-wisp, qemu-microvm, firecracker. Default: all.
     #[arg(long, value_name = "KIND,...", value_delimiter = ',', value_parser = kind_name)]
     only: Vec<KindName>,
 
