@@ -11,19 +11,18 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use containerd_shim::monitor::{Subject, Topic};
-use containerd_shim::synchronous::monitor::monitor_subscribe;
 use thiserror::Error;
 use vmm::api::{self, Request};
 use wisp_image::Bundle;
 
 use crate::netns::{self, NetnsError, Plan};
+use crate::rootfs::{self, RootfsError};
 
 /// The annotation CRI puts on a pod's sandbox container.
 const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -50,13 +49,8 @@ pub enum ContainerError {
         source: std::io::Error,
     },
     /// Mounting the rootfs failed.
-    #[error("cannot mount the container's rootfs at {target}: {why}")]
-    Mount {
-        /// Where.
-        target: String,
-        /// Why.
-        why: String,
-    },
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
     /// The operation does not fit the task's state.
     #[error("{0}")]
     State(String),
@@ -155,37 +149,6 @@ fn vm_name(id: &str) -> String {
     }
 }
 
-/// Mounts containerd's rootfs mounts at `bundle/rootfs`.
-fn mount_rootfs(
-    bundle: &Path,
-    mounts: &[containerd_shim::protos::types::mount::Mount],
-) -> Result<bool, ContainerError> {
-    let target = bundle.join("rootfs");
-    for m in mounts {
-        fs::create_dir_all(&target)
-            .map_err(io_err(format!("cannot create {}", target.display())))?;
-        containerd_shim::mount::mount_rootfs(
-            Some(m.type_.as_str()).filter(|t| !t.is_empty()),
-            Some(m.source.as_str()).filter(|s| !s.is_empty()),
-            &m.options,
-            &target,
-        )
-        .map_err(|e| ContainerError::Mount {
-            target: target.display().to_string(),
-            why: e.to_string(),
-        })?;
-    }
-    Ok(!mounts.is_empty())
-}
-
-/// Unmounts `bundle/rootfs` (everything under it).
-pub fn unmount_rootfs(bundle: &Path) {
-    let target = bundle.join("rootfs");
-    if let Err(e) = containerd_shim::mount::umount_recursive(target.to_str(), libc::MNT_DETACH) {
-        log::warn!("cannot unmount {}: {e}", target.display());
-    }
-}
-
 fn is_sandbox(bundle: &Path) -> bool {
     let text = fs::read_to_string(bundle.join("config.json")).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
@@ -201,7 +164,7 @@ impl Container {
         rootfs: &[containerd_shim::protos::types::mount::Mount],
         stdio: Stdio3,
     ) -> Result<Container, ContainerError> {
-        let mounted = mount_rootfs(bundle, rootfs)?;
+        let mounted = rootfs::mount_all(rootfs, &bundle.join("rootfs"))?;
         let checked = Bundle::open(bundle)
             .map_err(ContainerError::from)
             .and_then(|spec| {
@@ -217,7 +180,7 @@ impl Container {
             Ok(s) => s,
             Err(e) => {
                 if mounted {
-                    unmount_rootfs(bundle);
+                    rootfs::unmount(bundle);
                 }
                 return Err(e);
             }
@@ -390,9 +353,6 @@ impl Container {
             }
         }
         cmd.stdin(input).stdout(output).stderr(Stdio::piped());
-        // Subscribe before the spawn: the exit may come at once.
-        let exits =
-            monitor_subscribe(Topic::Pid).map_err(|e| ContainerError::Start(e.to_string()))?;
         let mut child = cmd.spawn().map_err(io_err("cannot start wisp"))?;
         drop(ns_file);
         let pid = child.id();
@@ -407,17 +367,16 @@ impl Container {
             let me = Arc::clone(self);
             std::thread::spawn(move || me.read_log(err));
         }
-        // The shim's reaper waits for the child; its exit comes through the monitor.
-        drop(child);
         let me = Arc::clone(self);
         std::thread::spawn(move || {
-            let code = loop {
-                match exits.rx.recv() {
-                    Ok(e) if matches!(e.subject, Subject::Pid(p) if p == pid as i32) => {
-                        break e.exit_code
-                    }
-                    Ok(_) => {}
-                    Err(_) => break 255,
+            let code = match child.wait() {
+                Ok(s) => s
+                    .code()
+                    .or_else(|| s.signal().map(|sig| 128 + sig))
+                    .unwrap_or(255),
+                Err(e) => {
+                    log::warn!("{}: cannot wait for wisp: {e}", me.id);
+                    255
                 }
             };
             me.exited(code);
@@ -607,7 +566,7 @@ impl Container {
             )));
         }
         if self.mounted {
-            unmount_rootfs(&self.bundle);
+            rootfs::unmount(&self.bundle);
         }
         remove_work(&self.work);
         Ok(())
@@ -650,7 +609,7 @@ pub fn cleanup_after_crash(namespace: &str, id: &str, bundle: &Path) -> u32 {
     {
         plan.restore();
     }
-    unmount_rootfs(bundle);
+    rootfs::unmount(bundle);
     remove_work(&work);
     pid.max(0) as u32
 }

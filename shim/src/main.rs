@@ -4,6 +4,7 @@
 
 mod container;
 mod netns;
+mod rootfs;
 mod service;
 
 /// The hidden first argument of the process that holds a pod sandbox's network
@@ -18,5 +19,5 @@ fn main() {
             unsafe { libc::pause() };
         }
     }
-    containerd_shim::run::<service::Service>("io.containerd.wisp.v2", None);
+    containerd_shim::run::<service::Service>("io.containerd.wisp.v2", Some(service::config()));
 }

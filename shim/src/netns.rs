@@ -95,19 +95,22 @@ impl Plan {
     /// Looks at namespace `ns`: its first non-loopback interface with an IPv4 address.
     /// `salt` makes the veth's new MAC (locally administered) unique.
     pub fn read(ns: &Path, salt: &[u8]) -> Result<Plan, NetnsError> {
-        let addrs = json(ns, &["-j", "-4", "addr", "show"])?;
+        let addrs = json(ns, &["-j", "addr", "show"])?;
         let none = || NetnsError::NoInterface(ns.display().to_string());
-        let link = addrs
+        let inet = |l: &Value| {
+            l["addr_info"]
+                .as_array()
+                .and_then(|a| a.iter().find(|i| i["family"] == "inet"))
+                .cloned()
+        };
+        let (link, info) = addrs
             .as_array()
             .into_iter()
             .flatten()
-            .find(|l| {
-                l["link_type"] == "ether"
-                    && l["addr_info"].as_array().is_some_and(|a| !a.is_empty())
-            })
+            .filter(|l| l["link_type"] == "ether")
+            .find_map(|l| Some((l, inet(l)?)))
             .ok_or_else(none)?;
         let iface = link["ifname"].as_str().ok_or_else(none)?.to_string();
-        let info = &link["addr_info"][0];
         let addr = info["local"].as_str().ok_or_else(none)?.to_string();
         let prefix = info["prefixlen"]
             .as_u64()

@@ -24,6 +24,17 @@ use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, TtrpcContext, T
 
 use crate::container::{self, Container, ContainerError, Status, Stdio3};
 
+/// How the crate runs the shim: it waits for its own children (wisp, `ip`), since the
+/// crate's reaper would take every exit with waitpid(-1) and leave std's waits with
+/// ECHILD; orphans (a dead wisp's helpers) go to containerd, the next subreaper up.
+pub fn config() -> Config {
+    Config {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    }
+}
+
 /// The shim.
 #[derive(Clone)]
 pub struct Service {

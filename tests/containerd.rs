@@ -1,0 +1,617 @@
+//! containerd-shim-wisp-v2 under a real containerd (Debian's `containerd` package), which
+//! each test starts privately (its own root, state, socket; no CRI) with the shim on its
+//! PATH. An image the test writes (busybox) is imported with `ctr image import`, then
+//! run with `ctr run --runtime io.containerd.wisp.v2`: the output and exit status match
+//! the same command under runc, `ctr task ls/pause/resume/metrics/kill/delete` drive
+//! the VM, a killed shim's task ends and its VM goes, bad bundles are refused through
+//! ctr, and a spec'd network namespace reaches the guest. After every delete nothing is
+//! left: no VM, no work directory, no mount. Needs root.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use wisp_image::fixture::{self, Item};
+
+/// One VM-heavy test at a time (the machine has two cores).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const IMAGE: &str = "wisp.test/busybox:1";
+const RUNTIME: &str = "io.containerd.wisp.v2";
+/// A boot where guest kernel mode is emulated takes seconds.
+const SLOW: Duration = Duration::from_secs(300);
+
+const APPLETS: [&str; 12] = [
+    "sh", "echo", "cat", "id", "pwd", "sleep", "wget", "ls", "env", "hostname", "grep", "true",
+];
+
+fn shim() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-wisp-v2"))
+}
+
+/// The image: busybox and its applets, run as its user `app`.
+fn image_tar(to: &Path) {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/install-deps.sh)");
+    let names: Vec<String> = APPLETS.iter().map(|a| format!("bin/{a}")).collect();
+    let mut items = vec![
+        Item::Dir("bin", 0o755),
+        Item::File("bin/busybox", &busybox, 0o755, 0),
+        Item::Dir("etc", 0o755),
+        Item::File(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+            0o644,
+            0,
+        ),
+        Item::File("etc/group", b"root:x:0:\napp:x:1000:\n", 0o644, 0),
+        Item::Dir("tmp", 0o1777),
+        Item::Dir("srv", 0o755),
+    ];
+    items.extend(names.iter().map(|n| Item::Symlink(n, "busybox")));
+    let layer = fixture::tar(&items).expect("tar");
+    let config = fixture::config(
+        serde_json::json!({ "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "User": "app" }),
+        std::slice::from_ref(&layer),
+    );
+    fixture::docker_archive(to, IMAGE, &config, &[layer]).expect("docker archive");
+}
+
+/// A private containerd, stopped and removed on drop.
+struct Containerd {
+    dir: PathBuf,
+    child: Child,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// What a ctr command did.
+struct Ran {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+impl Containerd {
+    fn start(tag: &str) -> Containerd {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "containerd tests need root");
+        let dir = std::env::temp_dir().join(format!("wisp-ctd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("shim")).unwrap();
+        let d = dir.display();
+        let config = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{d}/ctd.sock\"\n"
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let path = format!(
+            "{}:{}",
+            shim().parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .env("PATH", path)
+            .env("WISP_SHIM_DIR", dir.join("shim"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (scripts/install-deps.sh installs it)");
+        let c = Containerd {
+            dir,
+            child,
+            _serial: serial,
+        };
+        let t0 = Instant::now();
+        while c.ctr(&["version"], Duration::from_secs(5)).code != 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "containerd did not start: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let tar = c.dir.join("image.tar");
+        image_tar(&tar);
+        c.ok(&["image", "import", tar.to_str().unwrap()]);
+        c
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr(&self, args: &[&str], timeout: Duration) -> Ran {
+        let mut child = Command::new("ctr")
+            .arg("-a")
+            .arg(self.dir.join("ctd.sock"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr");
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let o = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let e = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let t0 = Instant::now();
+        let code = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s.code().unwrap_or(-1);
+            }
+            if t0.elapsed() > timeout {
+                let _ = child.kill();
+                panic!("ctr {args:?} did not finish in {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ran {
+            code,
+            out: o.join().unwrap(),
+            err: e.join().unwrap(),
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let r = self.ctr(args, SLOW);
+        assert_eq!(
+            r.code,
+            0,
+            "ctr {args:?}: {}{}\n{}",
+            r.out,
+            r.err,
+            self.log()
+        );
+        r.out
+    }
+
+    /// The STATUS column of `ctr task ls` for `id`, if listed.
+    fn task_status(&self, id: &str) -> Option<String> {
+        self.ok(&["task", "ls"]).lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&id)).then(|| f.get(2).unwrap_or(&"").to_string())
+        })
+    }
+
+    fn wait_status(&self, id: &str, want: &str) {
+        let t0 = Instant::now();
+        loop {
+            let s = self.task_status(id);
+            if s.as_deref() == Some(want) {
+                return;
+            }
+            assert!(t0.elapsed() < SLOW, "task {id} is {s:?}, not {want}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Nothing of the shim's is left: no work directory, no VM or shim process of this
+    /// containerd, no mount under its state.
+    fn assert_clean(&self) {
+        let t0 = Instant::now();
+        loop {
+            let work: Vec<_> = std::fs::read_dir(self.dir.join("shim"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            let procs = processes_mentioning(&self.dir.display().to_string());
+            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(&*self.dir.join("state").to_string_lossy()))
+                .map(str::to_string)
+                .collect();
+            if work.is_empty() && procs.is_empty() && mounts.is_empty() {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "left behind: work {work:?}, processes {procs:?}, mounts {mounts:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Whatever a failed test left running.
+        for pid in processes_mentioning(&self.dir.display().to_string()) {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let state = self.dir.join("state");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if m.starts_with(&*state.to_string_lossy()) {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Processes (other than this test) whose command line or environment names `text`:
+/// the shims and VMs of one private containerd (`WISP_SHIM_DIR` is under its dir).
+fn processes_mentioning(text: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if !matches!(
+            comm.trim(),
+            "wisp" | "containerd-shim" | "passt" | "passt.avx2"
+        ) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let has = |b: &[u8]| b.windows(text.len()).any(|w| w == text.as_bytes());
+        if has(&cmd) || has(&env) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The command both runtimes run: output from the image's files, the environment,
+/// the working directory, the user, and an exit status of its own.
+const SCRIPT: &str = "echo hello from $(cat /etc/group | grep app); echo FOO=$FOO; pwd; id; \
+                      ls /srv; exit 3";
+
+#[test]
+fn a_container_runs_as_a_vm_with_the_output_and_exit_status_it_has_under_runc() {
+    let c = Containerd::start("run");
+    let run = |runtime: Option<&str>, id: &str| {
+        let mut args = vec!["run", "--rm", "--env", "FOO=bar", "--cwd", "/tmp"];
+        if let Some(r) = runtime {
+            args.extend(["--runtime", r]);
+        }
+        args.extend([IMAGE, id, "/bin/sh", "-c", SCRIPT]);
+        c.ctr(&args, SLOW)
+    };
+    let runc = run(None, "under-runc");
+    let wisp = run(Some(RUNTIME), "under-wisp");
+    assert_eq!(runc.code, 3, "runc: {}{}", runc.out, runc.err);
+    assert_eq!(
+        runc.out,
+        "hello from app:x:1000:\nFOO=bar\n/tmp\nuid=1000(app) gid=1000(app) groups=1000(app)\n"
+    );
+    assert_eq!(wisp.code, 3, "wisp: {}{}\n{}", wisp.out, wisp.err, c.log());
+    assert_eq!(wisp.out, runc.out, "the same bytes as under runc");
+    assert_eq!(c.task_status("under-wisp"), None);
+    c.assert_clean();
+}
+
+#[test]
+fn a_running_task_is_listed_paused_resumed_measured_and_killed() {
+    let c = Containerd::start("life");
+    let id = "long";
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "268435456",
+        "--cpus",
+        "2",
+        IMAGE,
+        id,
+        "/bin/sh",
+        "-c",
+        "while true; do sleep 1; done",
+    ]);
+    assert_eq!(c.task_status(id).as_deref(), Some("RUNNING"));
+    // The VM's own control socket says what containerd says.
+    let sock = std::fs::read_dir(c.dir.join("shim"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("api.sock"))
+        .next()
+        .expect("a work directory");
+    let vm_state = || {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("the VM's socket");
+        s.write_all(b"{\"op\":\"status\"}\n").unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()["status"].clone()
+    };
+    let st = vm_state();
+    assert_eq!(st["cpus"], 2, "--cpus 2 gives 2 vCPUs: {st}");
+    assert_eq!(
+        st["memory_mib"], 256,
+        "--memory-limit 256 MiB sizes the VM: {st}"
+    );
+    c.ok(&["task", "pause", id]);
+    assert_eq!(c.task_status(id).as_deref(), Some("PAUSED"));
+    assert_eq!(vm_state()["state"], "paused");
+    c.ok(&["task", "resume", id]);
+    assert_eq!(c.task_status(id).as_deref(), Some("RUNNING"));
+    assert_eq!(vm_state()["state"], "running");
+    let metrics = c.ok(&["task", "metrics", id]);
+    assert!(
+        metrics.contains("memory.limit_in_bytes    268435456"),
+        "metrics: {metrics}"
+    );
+    let pids = c.ok(&["task", "ps", id]);
+    assert_eq!(pids.lines().count(), 2, "one process, the VM: {pids}");
+    let bad = c.ctr(&["task", "exec", "--exec-id", "e1", id, "/bin/true"], SLOW);
+    assert_ne!(bad.code, 0);
+    assert!(bad.err.contains("exec is not supported"), "{}", bad.err);
+    c.ok(&["task", "kill", id]);
+    c.wait_status(id, "STOPPED");
+    let deleted = c.ctr(&["task", "delete", id], SLOW);
+    assert!(
+        deleted.err.contains("143") || deleted.code == 0,
+        "{}",
+        deleted.err
+    );
+    c.ok(&["container", "rm", id]);
+    c.assert_clean();
+}
+
+#[test]
+fn a_killed_shim_ends_its_task_and_its_vm_goes() {
+    let c = Containerd::start("crash");
+    let id = "orphan";
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        id,
+        "/bin/sh",
+        "-c",
+        "sleep 1000",
+    ]);
+    let shims: Vec<i32> = processes_mentioning(&c.dir.display().to_string())
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "containerd-shim")
+        })
+        .collect();
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    // SAFETY: kill has no memory effects; the pid is this test's shim.
+    unsafe { libc::kill(shims[0], libc::SIGKILL) };
+    // containerd sees the shim go, runs `containerd-shim-wisp-v2 delete`, and the task
+    // ends (it may be gone from the list already).
+    let t0 = Instant::now();
+    while !matches!(c.task_status(id).as_deref(), None | Some("STOPPED")) {
+        assert!(t0.elapsed() < SLOW, "the task outlived its shim");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.ctr(&["task", "delete", id], SLOW);
+    c.ok(&["container", "rm", id]);
+    c.assert_clean();
+}
+
+#[test]
+fn bad_bundles_are_refused_through_ctr_with_the_reason() {
+    let c = Containerd::start("bad");
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--mount", "type=bind,src=/tmp,dst=/data,options=rbind:ro"],
+            "the bind mount of /tmp at /data is not supported",
+        ),
+        (
+            &["--memory-limit", "1048576"],
+            "a wisp VM needs at least 64 MiB",
+        ),
+        (&["--rootfs"], "is not a directory (root.path)"),
+    ];
+    for (i, (extra, want)) in cases.iter().enumerate() {
+        let id = format!("bad{i}");
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        // With --rootfs the "image" is a root file system path: one that is missing.
+        let image = if extra.contains(&"--rootfs") {
+            "/nonexistent-rootfs"
+        } else {
+            IMAGE
+        };
+        args.extend([image, &id, "/bin/true"]);
+        let r = c.ctr(&args, SLOW);
+        assert_ne!(r.code, 0, "{extra:?} was accepted");
+        assert!(r.err.contains(want), "{extra:?}: {}", r.err);
+        let _ = c.ctr(&["container", "rm", &id], SLOW);
+    }
+    c.assert_clean();
+}
+
+/// A namespace with a veth, as CNI leaves it: `eth0` 10.201.7.2/24 inside, the host
+/// end 10.201.7.1/24 outside. Removed on drop.
+struct Pod {
+    ns: String,
+    host_if: String,
+}
+
+impl Pod {
+    fn new() -> Pod {
+        let pid = std::process::id();
+        let p = Pod {
+            ns: format!("wisp-ctd-{pid}"),
+            host_if: format!("wctd{}", pid % 100_000),
+        };
+        let sh = |args: &[&str]| {
+            let s = Command::new("ip").args(args).status().unwrap();
+            assert!(s.success(), "ip {args:?}");
+        };
+        let _ = Command::new("ip").args(["netns", "del", &p.ns]).status();
+        sh(&["netns", "add", &p.ns]);
+        sh(&[
+            "link", "add", &p.host_if, "type", "veth", "peer", "name", "eth0", "netns", &p.ns,
+        ]);
+        sh(&["addr", "add", "10.201.7.1/24", "dev", &p.host_if]);
+        sh(&["link", "set", &p.host_if, "up"]);
+        for a in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", "10.201.7.2/24", "dev", "eth0"],
+            &["link", "set", "eth0", "up"],
+            &["route", "add", "default", "via", "10.201.7.1"],
+        ] {
+            let mut v = vec!["-n", &p.ns];
+            v.extend_from_slice(a);
+            sh(&v);
+        }
+        p
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.ns)
+    }
+
+    fn addr_of_eth0(&self) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns, "-4", "-o", "addr", "show", "dev", "eth0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+#[test]
+fn a_network_namespace_brings_the_pod_address_into_the_guest() {
+    let c = Containerd::start("net");
+    let pod = Pod::new();
+    let server = TcpListener::bind("10.201.7.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let serve = std::thread::spawn(move || {
+        let (mut s, peer) = server.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let body = format!("seen from {}", peer.ip());
+        let _ = write!(
+            s,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let ns = format!("network:{}", pod.path());
+    let url = format!("http://10.201.7.1:{port}/");
+    let r = c.ctr(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--with-ns",
+            &ns,
+            IMAGE,
+            "netpod",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &url,
+        ],
+        SLOW,
+    );
+    assert_eq!(r.code, 0, "{}{}\n{}", r.out, r.err, c.log());
+    assert_eq!(
+        r.out, "seen from 10.201.7.2",
+        "the guest has the pod's address"
+    );
+    serve.join().unwrap();
+    // The namespace is as CNI left it.
+    let addr = pod.addr_of_eth0();
+    assert!(
+        addr.contains("10.201.7.2/24"),
+        "eth0 got its address back: {addr}"
+    );
+    let bridge = Command::new("ip")
+        .args(["-n", &pod.ns, "link", "show", "wisp0"])
+        .output()
+        .unwrap();
+    assert!(!bridge.status.success(), "the bridge is gone");
+    c.assert_clean();
+}
+
+#[test]
+fn a_pod_sandbox_holds_its_network_namespace_without_a_vm() {
+    let c = Containerd::start("sandbox");
+    let pod = Pod::new();
+    let ns = format!("network:{}", pod.path());
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--with-ns",
+        &ns,
+        IMAGE,
+        "pause",
+        "/pause",
+    ]);
+    let pids = c.ok(&["task", "ps", "pause"]);
+    let pid: i32 = pids
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let ino = |p: &str| {
+        std::fs::metadata(p)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap()
+    };
+    assert_eq!(
+        ino(&format!("/proc/{pid}/ns/net")),
+        ino(&pod.path()),
+        "it holds the pod's namespace"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap()
+            .trim(),
+        "containerd-shim"
+    );
+    c.ok(&["task", "kill", "pause"]);
+    c.wait_status("pause", "STOPPED");
+    let _ = c.ctr(&["task", "delete", "pause"], SLOW);
+    c.ok(&["container", "rm", "pause"]);
+    c.assert_clean();
+}
