@@ -369,6 +369,75 @@ fn an_unpacked_root_runs_with_the_command_given() {
     assert!(!disk.exists(), "{} left behind", disk.display());
 }
 
+/// An OCI runtime bundle (as `runc run` takes): config.json's process, user with its
+/// supplementary groups, environment, working directory and host name; with
+/// `terminal: false` the console is raw, so the output has no "\r". Bad bundles get one
+/// line before any boot.
+#[test]
+fn an_oci_runtime_bundle_runs_its_config() {
+    let dir = TempDir::new("image-bundle");
+    let bundle = dir.0.join("bundle");
+    let root = bundle.join("rootfs");
+    std::fs::create_dir_all(&root).expect("root");
+    for layer in [base_layer(), upper_layer()] {
+        wisp_image::layer::apply(&root, &layer[..], "test", u64::MAX).expect("unpack");
+    }
+    std::os::unix::fs::symlink("busybox", root.join("bin/hostname")).expect("applet");
+    let config = |process: serde_json::Value| {
+        serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": process,
+            "root": { "path": "rootfs", "readonly": true },
+            "hostname": "bundle-host",
+            "mounts": [{ "destination": "/proc", "type": "proc", "source": "proc" }],
+            "linux": { "namespaces": [{ "type": "pid" }, { "type": "uts" }] }
+        })
+        .to_string()
+    };
+    std::fs::write(
+        bundle.join("config.json"),
+        config(serde_json::json!({
+            "terminal": false,
+            "user": { "uid": 1000, "gid": 1001, "additionalGids": [50, 60] },
+            "args": ["/bin/sh", "-c", "echo $(hostname) $(pwd) $(id -u):$(id -g) $(id -G) $GREETING; exit 4"],
+            "env": ["PATH=/bin", "GREETING=hi"],
+            "cwd": "/srv"
+        })),
+    )
+    .expect("config");
+    let reference = format!("bundle:{}", bundle.display());
+    let out = run_image(&dir.0.join("cache"), &reference, &["--name", "bundle-test"]);
+    assert_eq!(out.status, Some(4), "{out:#?}");
+    assert_eq!(
+        out.stdout, "bundle-host /srv 1000:1001 1001 50 60 hi\n",
+        "{out:#?}"
+    );
+
+    refused(
+        &dir.0.join("cache"),
+        &reference,
+        &["--", "/bin/true"],
+        "leave out -- CMD and --env",
+    );
+    std::fs::write(
+        bundle.join("config.json"),
+        config(serde_json::json!({ "args": [], "cwd": "/" })),
+    )
+    .expect("config");
+    refused(
+        &dir.0.join("cache"),
+        &reference,
+        &[],
+        "process.args is empty",
+    );
+    refused(
+        &dir.0.join("cache"),
+        &format!("bundle:{}", dir.0.join("none").display()),
+        &[],
+        "config.json",
+    );
+}
+
 /// PID 1 forwards SIGTERM to the process; Ctrl-C on the console is SIGINT for it.
 #[test]
 fn signals_reach_the_process() {

@@ -255,7 +255,7 @@ int main(int argc, char **argv, char **envp)
 	static const int forward[] = { 1, 2, 3, 10, 12, 15 }; /* HUP INT QUIT USR1 USR2 TERM */
 	char tty[48];
 	pid_t child, r;
-	int sfd, status, i;
+	int sfd, status, i, len;
 
 	(void)argc; (void)argv; (void)envp;
 
@@ -278,7 +278,13 @@ int main(int argc, char **argv, char **envp)
 	mkdir("/newroot/dev/shm", 01777);
 	mount("tmpfs", "/newroot/dev/shm", "tmpfs", 0, "mode=1777");
 	resolv_conf();
-	my_syscall2(__NR_sethostname, hostname, strlen(hostname));
+	/*
+	 * The length first: a function call inside my_syscall2's arguments would
+	 * clobber the syscall number already placed in rax (strlen's result is
+	 * returned there), and sethostname would become close().
+	 */
+	len = strlen(hostname);
+	my_syscall2(__NR_sethostname, hostname, len);
 
 	/* signals for PID 1 arrive on a signalfd: the ones to forward, and SIGCHLD */
 	for (i = 0; i < (int)(sizeof(forward) / sizeof(forward[0])); i++)
