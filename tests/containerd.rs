@@ -288,13 +288,28 @@ fn processes_mentioning(text: &str) -> Vec<i32> {
 /// The command both runtimes run: output from the image's files, the environment,
 /// the working directory, the user, and an exit status of its own.
 const SCRIPT: &str = "echo hello from $(cat /etc/group | grep app); echo FOO=$FOO; pwd; id; \
-                      ls /srv; exit 3";
+                      cat /srv/greeting /srv/conf/a /srv/conf/sub/b; exit 3";
 
 #[test]
 fn a_container_runs_as_a_vm_with_the_output_and_exit_status_it_has_under_runc() {
     let c = Containerd::start("run");
+    // Bind mounts, as Kubernetes gives /etc/hosts and secrets: a file and a tree.
+    let host = c.dir.join("binds");
+    std::fs::create_dir_all(host.join("conf/sub")).unwrap();
+    std::fs::write(host.join("greeting"), "a bound file\n").unwrap();
+    std::fs::write(host.join("conf/a"), "a bound tree\n").unwrap();
+    std::fs::write(host.join("conf/sub/b"), "deeper\n").unwrap();
+    let file = format!(
+        "type=bind,src={},dst=/srv/greeting,options=rbind:ro",
+        host.join("greeting").display()
+    );
+    let tree = format!(
+        "type=bind,src={},dst=/srv/conf,options=rbind:ro",
+        host.join("conf").display()
+    );
     let run = |runtime: Option<&str>, id: &str| {
         let mut args = vec!["run", "--rm", "--env", "FOO=bar", "--cwd", "/tmp"];
+        args.extend(["--mount", &file, "--mount", &tree]);
         if let Some(r) = runtime {
             args.extend(["--runtime", r]);
         }
@@ -306,7 +321,8 @@ fn a_container_runs_as_a_vm_with_the_output_and_exit_status_it_has_under_runc() 
     assert_eq!(runc.code, 3, "runc: {}{}", runc.out, runc.err);
     assert_eq!(
         runc.out,
-        "hello from app:x:1000:\nFOO=bar\n/tmp\nuid=1000(app) gid=1000(app) groups=1000(app)\n"
+        "hello from app:x:1000:\nFOO=bar\n/tmp\nuid=1000(app) gid=1000(app) groups=1000(app)\n\
+         a bound file\na bound tree\ndeeper\n"
     );
     assert_eq!(wisp.code, 3, "wisp: {}{}\n{}", wisp.out, wisp.err, c.log());
     assert_eq!(wisp.out, runc.out, "the same bytes as under runc");
@@ -422,14 +438,21 @@ fn a_killed_shim_ends_its_task_and_its_vm_goes() {
 #[test]
 fn bad_bundles_are_refused_through_ctr_with_the_reason() {
     let c = Containerd::start("bad");
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (
-            &["--mount", "type=bind,src=/tmp,dst=/data,options=rbind:ro"],
-            "the bind mount of /tmp at /data is not supported",
+            &[
+                "--mount",
+                "type=bind,src=/nonexistent-src,dst=/data,options=rbind:ro",
+            ],
+            "the bind mount of /nonexistent-src at /data: cannot read",
         ),
         (
             &["--memory-limit", "1048576"],
             "a wisp VM needs at least 64 MiB",
+        ),
+        (
+            &["--mount", "type=bind,src=/usr,dst=/data,options=rbind:ro"],
+            "holds more than wisp copies into a VM",
         ),
         (&["--rootfs"], "is not a directory (root.path)"),
     ];

@@ -383,13 +383,17 @@ fn an_oci_runtime_bundle_runs_its_config() {
         wisp_image::layer::apply(&root, &layer[..], "test", u64::MAX).expect("unpack");
     }
     std::os::unix::fs::symlink("busybox", root.join("bin/hostname")).expect("applet");
+    let bound = dir.file("motd", b"bound into the guest");
     let config = |process: serde_json::Value| {
         serde_json::json!({
             "ociVersion": "1.0.2",
             "process": process,
             "root": { "path": "rootfs", "readonly": true },
             "hostname": "bundle-host",
-            "mounts": [{ "destination": "/proc", "type": "proc", "source": "proc" }],
+            "mounts": [
+                { "destination": "/proc", "type": "proc", "source": "proc" },
+                { "destination": "/etc/motd", "type": "bind", "source": bound, "options": ["rbind", "ro"] }
+            ],
             "linux": { "namespaces": [{ "type": "pid" }, { "type": "uts" }] }
         })
         .to_string()
@@ -399,7 +403,7 @@ fn an_oci_runtime_bundle_runs_its_config() {
         config(serde_json::json!({
             "terminal": false,
             "user": { "uid": 1000, "gid": 1001, "additionalGids": [50, 60] },
-            "args": ["/bin/sh", "-c", "echo $(hostname) $(pwd) $(id -u):$(id -g) $(id -G) $GREETING; exit 4"],
+            "args": ["/bin/sh", "-c", "echo $(hostname) $(pwd) $(id -u):$(id -g) $(id -G) $GREETING $(cat /etc/motd); exit 4"],
             "env": ["PATH=/bin", "GREETING=hi"],
             "cwd": "/srv"
         })),
@@ -409,7 +413,7 @@ fn an_oci_runtime_bundle_runs_its_config() {
     let out = run_image(&dir.0.join("cache"), &reference, &["--name", "bundle-test"]);
     assert_eq!(out.status, Some(4), "{out:#?}");
     assert_eq!(
-        out.stdout, "bundle-host /srv 1000:1001 1001 50 60 hi\n",
+        out.stdout, "bundle-host /srv 1000:1001 1001 50 60 hi bound into the guest\n",
         "{out:#?}"
     );
 

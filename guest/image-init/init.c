@@ -13,6 +13,9 @@
  *   uid, gid numeric user and group
  *   group    one supplementary group (repeated; none: no supplementary groups)
  *   hostname the guest's host name
+ *   dir      a directory to create in the image (a bind mount's), e.g. /data
+ *   file     "MODE PATH": a bind-mounted file, copied from /wisp/files/N (N
+ *            counts the file keys from 0) to PATH in the image, MODE in octal
  *   tty      "raw": the console in raw mode for the process (no echo, no
  *            line editing, bytes out unchanged), as a pipe would be; absent:
  *            a terminal as usual
@@ -39,6 +42,7 @@
 #define EXIT_PORT 0x500
 #define MAX_WORDS 512
 #define MAX_GROUPS 64
+#define MAX_COPIES 1024
 #define RUN_FILE "/wisp/run"
 
 static char run_buf[256 * 1024];
@@ -49,6 +53,10 @@ static long uid, gid;
 static unsigned int groups[MAX_GROUPS];
 static int ngroups;
 static int raw_tty;
+/* bind mounts' directories and files, in order; is_file[i] tells them apart */
+static const char *copies[MAX_COPIES];
+static char is_file[MAX_COPIES];
+static int ncopies;
 
 /* struct termios of the kernel (asm-generic/termbits.h) and the flags cfmakeraw clears */
 struct wisp_termios {
@@ -134,7 +142,10 @@ static void read_run(void)
 			disk = val;
 		else if (!strcmp(key, "hostname"))
 			hostname = val;
-		else if (!strcmp(key, "tty"))
+		else if ((!strcmp(key, "dir") || !strcmp(key, "file")) && ncopies < MAX_COPIES) {
+			is_file[ncopies] = key[0] == 'f';
+			copies[ncopies++] = val;
+		} else if (!strcmp(key, "tty"))
 			raw_tty = !strcmp(val, "raw");
 	}
 	if (na == 0)
@@ -209,6 +220,77 @@ static void exec_command(void)
 	fail("command not found:", args[0]);
 }
 
+/* mkdir -p of the directories above `path` (a path under /newroot) */
+static void make_parents(char *path)
+{
+	char *p;
+
+	for (p = path + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = 0;
+		mkdir(path, 0755);
+		*p = '/';
+	}
+}
+
+/* "/wisp/files/N" into buf (32 bytes) */
+static void src_path(char *buf, unsigned int n)
+{
+	char digits[12];
+	int k = sizeof(digits);
+
+	do {
+		digits[--k] = '0' + n % 10;
+		n /= 10;
+	} while (n && k > 0);
+	strcpy(buf, "/wisp/files/");
+	memcpy(buf + 12, digits + k, sizeof(digits) - k);
+	buf[12 + sizeof(digits) - k] = 0;
+}
+
+/* the bind mounts' directories and files, into the image's overlay */
+static void copy_binds(void)
+{
+	static char dst[4096], src[32], buf[65536];
+	int i, n, nfile = 0, in, out;
+	long mode;
+	const char *path;
+
+	for (i = 0; i < ncopies; i++) {
+		path = copies[i];
+		mode = 0755;
+		if (is_file[i]) {
+			mode = 0;
+			for (; *path >= '0' && *path <= '7'; path++)
+				mode = mode * 8 + (*path - '0');
+			if (*path == ' ')
+				path++;
+		}
+		if (*path != '/' || strlen(path) + 9 >= sizeof(dst))
+			fail("bad bind mount path", path);
+		strcpy(dst, "/newroot");
+		strcpy(dst + 8, path);
+		make_parents(dst);
+		if (!is_file[i]) {
+			mkdir(dst, 0755);
+			continue;
+		}
+		src_path(src, nfile++);
+		unlink(dst);
+		in = open(src, O_RDONLY, 0);
+		out = open(dst, O_WRONLY | O_CREAT | O_TRUNC, mode & 07777);
+		if (in < 0 || out < 0)
+			fail("cannot copy the bind-mounted file", path);
+		while ((n = read(in, buf, sizeof(buf))) > 0)
+			if (write(out, buf, n) != n)
+				fail("cannot write the bind-mounted file", path);
+		close(in);
+		close(out);
+		chmod(dst, mode & 07777);
+	}
+}
+
 /* cfmakeraw on stdin's tty: what the process writes reaches the host unchanged */
 static void make_raw(void)
 {
@@ -278,6 +360,7 @@ int main(int argc, char **argv, char **envp)
 	mkdir("/newroot/dev/shm", 01777);
 	mount("tmpfs", "/newroot/dev/shm", "tmpfs", 0, "mode=1777");
 	resolv_conf();
+	copy_binds();
 	/*
 	 * The length first: a function call inside my_syscall2's arguments would
 	 * clobber the syscall number already placed in rax (strlen's result is

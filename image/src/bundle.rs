@@ -18,6 +18,11 @@ pub const DEFAULT_MEMORY_MIB: u64 = 128;
 /// The smallest memory limit a VM can boot with (kernel and init included).
 pub const MIN_MEMORY_MIB: u64 = 64;
 
+/// At most this many bytes of bind-mounted files are copied into a VM.
+pub const MAX_COPY_BYTES: u64 = 8 << 20;
+/// At most this many bind-mounted files and directories.
+pub const MAX_COPY_ENTRIES: usize = 1024;
+
 /// Mount types the guest kernel provides by itself: wisp's init mounts /proc, /sys,
 /// /dev, /dev/pts and /dev/shm; the others in a spec are not mounted (see README).
 const KERNEL_MOUNTS: &[&str] = &[
@@ -44,6 +49,18 @@ pub struct Bundle {
     /// The network namespace to join (a `network` namespace with a path, as CNI gives);
     /// `None`: the VM gets user-mode networking.
     pub netns: Option<PathBuf>,
+    /// What bind mounts bring in, copied into the guest at start (a VM does not see
+    /// host files): Kubernetes' /etc/hosts, /etc/resolv.conf, service-account tokens.
+    pub copies: Vec<Copy>,
+}
+
+/// One host file or directory a bind mount names, for the guest's init to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Copy {
+    /// A directory at this absolute guest path.
+    Dir(String),
+    /// A regular file: host path, guest path, permission bits.
+    File(PathBuf, String, u32),
 }
 
 #[derive(Deserialize)]
@@ -191,8 +208,14 @@ impl Bundle {
                 rootfs.display()
             )));
         }
+        let mut copies = Vec::new();
+        let mut bytes = 0u64;
         for m in &spec.mounts {
-            check_mount(m).map_err(&err)?;
+            if is_bind(m) {
+                copy_bind(m, &mut copies, &mut bytes).map_err(&err)?;
+            } else {
+                check_mount(m).map_err(&err)?;
+            }
         }
         let linux = spec.linux.unwrap_or_default();
         if let Some(d) = linux.devices.first() {
@@ -245,6 +268,7 @@ impl Bundle {
             cpus,
             memory_mib,
             netns,
+            copies,
         })
     }
 }
@@ -256,17 +280,80 @@ fn bad(dir: &Path, why: String) -> ImageError {
     }
 }
 
-fn check_mount(m: &Mount) -> Result<(), String> {
-    let bind =
-        m.typ.as_deref() == Some("bind") || m.options.iter().any(|o| o == "bind" || o == "rbind");
-    if bind {
+fn is_bind(m: &Mount) -> bool {
+    m.typ.as_deref() == Some("bind") || m.options.iter().any(|o| o == "bind" || o == "rbind")
+}
+
+/// A bind mount's files, walked on the host (symlinks followed, as a bind would show
+/// them), within [`MAX_COPY_BYTES`] and [`MAX_COPY_ENTRIES`].
+fn copy_bind(m: &Mount, out: &mut Vec<Copy>, bytes: &mut u64) -> Result<(), String> {
+    let source = PathBuf::from(m.source.as_deref().unwrap_or(""));
+    let dest = &m.destination;
+    let too_big = || {
+        format!(
+            "the bind mount of {} at {dest} holds more than wisp copies into a VM ({} files, \
+             {} MiB in all): a VM does not see host files; put them in the image",
+            source.display(),
+            MAX_COPY_ENTRIES,
+            MAX_COPY_BYTES >> 20
+        )
+    };
+    if !dest.starts_with('/') || dest.split('/').any(|c| c == "..") {
         return Err(format!(
-            "the bind mount of {} at {} is not supported: a wisp VM does not see host \
-             files; put them in the image",
-            m.source.as_deref().unwrap_or("?"),
-            m.destination
+            "the bind mount at {dest:?} is not an absolute, plain path"
         ));
     }
+    let mut stack = vec![(source.clone(), dest.trim_end_matches('/').to_string(), 0u32)];
+    while let Some((host, guest, depth)) = stack.pop() {
+        let meta = std::fs::metadata(&host).map_err(|e| {
+            format!(
+                "the bind mount of {} at {dest}: cannot read {}: {e}",
+                source.display(),
+                host.display()
+            )
+        })?;
+        if out.len() >= MAX_COPY_ENTRIES || depth > 16 {
+            return Err(too_big());
+        }
+        let guest = if guest.is_empty() {
+            "/".to_string()
+        } else {
+            guest
+        };
+        if meta.is_dir() {
+            out.push(Copy::Dir(guest.clone()));
+            let rd = std::fs::read_dir(&host).map_err(|e| {
+                format!(
+                    "the bind mount at {dest}: cannot list {}: {e}",
+                    host.display()
+                )
+            })?;
+            let mut names: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
+            names.sort();
+            for n in names.into_iter().rev() {
+                let name = n.to_string_lossy().into_owned();
+                let g = format!("{}/{name}", guest.trim_end_matches('/'));
+                stack.push((host.join(&n), g, depth + 1));
+            }
+        } else if meta.is_file() {
+            *bytes += meta.len();
+            if *bytes > MAX_COPY_BYTES {
+                return Err(too_big());
+            }
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+            out.push(Copy::File(host, guest, mode));
+        } else {
+            return Err(format!(
+                "the bind mount at {dest}: {} is not a file or directory (sockets and \
+                 devices cannot be copied into a VM)",
+                host.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_mount(m: &Mount) -> Result<(), String> {
     match m.typ.as_deref() {
         Some(t) if KERNEL_MOUNTS.contains(&t) => Ok(()),
         t => Err(format!(
@@ -367,6 +454,44 @@ mod tests {
     }
 
     #[test]
+    fn bind_mounts_become_copies_of_their_files() {
+        let host = std::env::temp_dir().join(format!("wisp-bind-test-{}", std::process::id()));
+        std::fs::create_dir_all(host.join("sa/..data")).unwrap();
+        std::fs::write(host.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        std::fs::write(host.join("sa/..data/token"), "t").unwrap();
+        let _ = std::os::unix::fs::symlink("..data/token", host.join("sa/token"));
+        let b = bundle(spec(json!({ "mounts": [
+            { "destination": "/etc/hosts", "type": "bind", "source": host.join("hosts"), "options": ["rbind", "ro"] },
+            { "destination": "/var/run/secrets/sa", "type": "bind", "source": host.join("sa"), "options": ["rbind"] }
+        ] })))
+        .unwrap();
+        let mode = |p: &str| {
+            std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(host.join(p)).unwrap().permissions(),
+            ) & 0o7777
+        };
+        assert_eq!(
+            b.copies,
+            [
+                Copy::File(host.join("hosts"), "/etc/hosts".into(), mode("hosts")),
+                Copy::Dir("/var/run/secrets/sa".into()),
+                Copy::Dir("/var/run/secrets/sa/..data".into()),
+                Copy::File(
+                    host.join("sa/..data/token"),
+                    "/var/run/secrets/sa/..data/token".into(),
+                    mode("sa/..data/token")
+                ),
+                Copy::File(
+                    host.join("sa/token"),
+                    "/var/run/secrets/sa/token".into(),
+                    mode("sa/token")
+                ),
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&host);
+    }
+
+    #[test]
     fn resources_size_the_vm() {
         let linux = |r: serde_json::Value| spec(json!({ "linux": { "resources": r } }));
         let b = bundle(linux(json!({ "cpu": { "quota": 150000, "period": 100000 },
@@ -418,8 +543,12 @@ mod tests {
                 "is not a directory",
             ),
             (
-                json!({ "mounts": [{ "destination": "/data", "type": "bind", "source": "/srv", "options": ["rbind"] }] }),
-                "bind mount of /srv at /data",
+                json!({ "mounts": [{ "destination": "/data", "type": "bind", "source": "/nonexistent", "options": ["rbind"] }] }),
+                "the bind mount of /nonexistent at /data: cannot read",
+            ),
+            (
+                json!({ "mounts": [{ "destination": "/data", "type": "bind", "source": "/usr", "options": ["rbind"] }] }),
+                "holds more than wisp copies",
             ),
             (
                 json!({ "mounts": [{ "destination": "/data", "type": "nfs", "source": "h:/x" }] }),

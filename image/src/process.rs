@@ -219,15 +219,18 @@ pub fn empty_config() -> ImageConfiguration {
     ImageConfiguration::default()
 }
 
+/// Appends one key and value to a `/wisp/run` file.
+pub fn put_pair(out: &mut Vec<u8>, key: &str, value: &str) {
+    out.extend_from_slice(key.as_bytes());
+    out.push(0);
+    out.extend_from_slice(value.as_bytes());
+    out.push(0);
+}
+
 /// The `/wisp/run` file for the guest's init: NUL-ended key and value pairs.
 pub fn run_file(p: &Process, disk: &str, hostname: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut put = |k: &str, v: &str| {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    };
+    let mut put = |k: &str, v: &str| put_pair(&mut out, k, v);
     put("disk", disk);
     put("hostname", hostname);
     put("cwd", &p.cwd);

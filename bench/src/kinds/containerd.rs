@@ -46,13 +46,16 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The `ctr run` arguments (after `ctr --address SOCK --namespace NS`) that run
 /// container `cid` of [`IMAGE`] with `runtime` in the network namespace `netns`, its
-/// I/O FIFOs in `fifo_dir`, and for runc its state in `runc_root`.
+/// I/O FIFOs in `fifo_dir`, and for runc its state in `runc_root`. `size` (vCPUs, MiB)
+/// becomes the container's CPU and memory limits, which size a wisp VM as the bench's
+/// other VMs are sized (and cap runc's container alike).
 fn run_args(
     runtime: &str,
     runc_root: Option<&Path>,
     netns: &Path,
     fifo_dir: &Path,
     cid: &str,
+    size: (u32, u64),
 ) -> Vec<OsString> {
     let mut with_ns = OsString::from("network:");
     with_ns.push(netns);
@@ -67,6 +70,10 @@ fn run_args(
         fifo_dir.into(),
         "--runtime".into(),
         runtime.into(),
+        "--cpus".into(),
+        size.0.to_string().into(),
+        "--memory-limit".into(),
+        (size.1 << 20).to_string().into(),
     ]);
     if let Some(root) = runc_root {
         args.extend(["--runc-root".into(), root.into()]);
@@ -288,6 +295,7 @@ impl Kind for CtrRun {
             &netns,
             &fifo_dir,
             &cid,
+            (self.env.cpus, self.env.memory_mib),
         ));
         d.track(&cid);
         let daemon_cpu = crate::procfs::cpu_ms(&[d.pid()]);
@@ -323,12 +331,14 @@ mod tests {
             Path::new("/run/netns/wb1-2c"),
             Path::new("/s/containerd-runc/fifo"),
             "wb-containerd-runc-0",
+            (2, 256),
         );
         assert_eq!(
             strings(&runc).join(" "),
             "run --rm --read-only --mount type=tmpfs,src=tmpfs,dst=/tmp,options=nosuid:nodev:mode=1777 \
              --with-ns network:/run/netns/wb1-2c --fifo-dir /s/containerd-runc/fifo \
-             --runtime io.containerd.runc.v2 --runc-root /s/containerd-runc/runc \
+             --runtime io.containerd.runc.v2 --cpus 2 --memory-limit 268435456 \
+             --runc-root /s/containerd-runc/runc \
              docker.io/wisp-bench/workload:latest wb-containerd-runc-0"
         );
         let wisp = strings(&run_args(
@@ -337,6 +347,7 @@ mod tests {
             Path::new("/run/netns/wb1-3c"),
             Path::new("/f"),
             "wb-x",
+            (1, 128),
         ));
         assert!(wisp
             .windows(2)

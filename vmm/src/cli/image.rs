@@ -10,6 +10,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use devices::virtio::block::BlockConfig;
+use wisp_image::bundle::Copy;
 use wisp_image::cpio::{self, Entry};
 use wisp_image::process::{self, Overrides};
 use wisp_image::{convert, ImageRef};
@@ -162,6 +163,7 @@ pub fn prepare(
         hostname: hostname.to_string(),
     };
     let mut guest_hostname = hostname.to_string();
+    let mut copies = Vec::new();
     let (disk, proc, scratch_disk) = match &r {
         ImageRef::Dir(root) => {
             if !root.is_dir() {
@@ -184,6 +186,7 @@ pub fn prepare(
             }
             let b = wisp_image::Bundle::open(dir)?;
             guest_hostname = b.hostname.clone();
+            copies = b.copies;
             let disk = pack_scratch(&b.rootfs, work_dir, hostname)?;
             (disk.clone(), b.process, Some(disk))
         }
@@ -199,11 +202,31 @@ pub fn prepare(
             (done.entry.disk(), p, None)
         }
     };
-    let run = process::run_file(&proc, "/dev/vda", &guest_hostname);
+    let mut run = process::run_file(&proc, "/dev/vda", &guest_hostname);
+    // Bind-mounted files: in the cpio as wisp/files/N, created by the init.
+    let mut files = Vec::new();
+    for c in &copies {
+        match c {
+            Copy::Dir(guest) => process::put_pair(&mut run, "dir", guest),
+            Copy::File(host, guest, mode) => {
+                let data = std::fs::read(host).with_context(|| {
+                    format!("cannot read {} (bind-mounted at {guest})", host.display())
+                })?;
+                process::put_pair(&mut run, "file", &format!("{mode:o} {guest}"));
+                files.push((format!("wisp/files/{}", files.len()), *mode, data));
+            }
+        }
+    }
+    if run.len() > process::MAX_RUN_FILE {
+        bail!(
+            "image {r}: its command, environment and bind mounts take {} bytes; wisp passes at most {}",
+            run.len(),
+            process::MAX_RUN_FILE
+        );
+    }
     let mut initrd_bytes =
         std::fs::read(&init).with_context(|| format!("cannot read {}", init.display()))?;
-    // Linux unpacks concatenated cpio archives one after the other.
-    initrd_bytes.extend(cpio::archive(&[
+    let mut entries = vec![
         Entry::Dir {
             path: "wisp",
             mode: 0o755,
@@ -213,7 +236,18 @@ pub fn prepare(
             mode: 0o600,
             data: &run,
         },
-    ]));
+        Entry::Dir {
+            path: "wisp/files",
+            mode: 0o700,
+        },
+    ];
+    entries.extend(files.iter().map(|(path, mode, data)| Entry::File {
+        path,
+        mode: *mode,
+        data,
+    }));
+    // Linux unpacks concatenated cpio archives one after the other.
+    initrd_bytes.extend(cpio::archive(&entries));
     let initrd = work_dir.join(format!("{hostname}.image-initrd"));
     std::fs::write(&initrd, initrd_bytes)
         .with_context(|| format!("cannot write {}", initrd.display()))?;
