@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use wisp_image::fixture::{self, Item};
+use wisp_image::fixture;
 
 /// One VM-heavy test at a time (the machine has two cores).
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -34,24 +34,13 @@ fn shim() -> PathBuf {
 
 /// The image: busybox and its applets, run as its user `app`.
 fn image_tar(to: &Path) {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/install-deps.sh)");
-    let names: Vec<String> = APPLETS.iter().map(|a| format!("bin/{a}")).collect();
-    let mut items = vec![
-        Item::Dir("bin", 0o755),
-        Item::File("bin/busybox", &busybox, 0o755, 0),
-        Item::Dir("etc", 0o755),
-        Item::File(
-            "etc/passwd",
-            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-            0o644,
-            0,
-        ),
-        Item::File("etc/group", b"root:x:0:\napp:x:1000:\n", 0o644, 0),
-        Item::Dir("tmp", 0o1777),
-        Item::Dir("srv", 0o755),
-    ];
-    items.extend(names.iter().map(|n| Item::Symlink(n, "busybox")));
-    let layer = fixture::tar(&items).expect("tar");
+    let layer = fixture::busybox_layer(
+        &APPLETS,
+        b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        b"root:x:0:\napp:x:1000:\n",
+        &[],
+    )
+    .expect("layer");
     let config = fixture::config(
         serde_json::json!({ "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "User": "app" }),
         std::slice::from_ref(&layer),
@@ -220,6 +209,13 @@ impl Containerd {
             if work.is_empty() && procs.is_empty() && mounts.is_empty() {
                 return;
             }
+            let procs: Vec<String> = procs
+                .iter()
+                .map(|p| {
+                    let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    format!("{p}: {}", String::from_utf8_lossy(&cmd).replace('\0', " "))
+                })
+                .collect();
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
                 "left behind: work {work:?}, processes {procs:?}, mounts {mounts:?}"
@@ -386,8 +382,28 @@ fn a_running_task_is_listed_paused_resumed_measured_and_killed() {
     let bad = c.ctr(&["task", "exec", "--exec-id", "e1", id, "/bin/true"], SLOW);
     assert_ne!(bad.code, 0);
     assert!(bad.err.contains("exec is not supported"), "{}", bad.err);
+    // The exit reaches containerd as a TaskExit event too.
+    let mut events = Command::new("ctr")
+        .arg("-a")
+        .arg(c.dir.join("ctd.sock"))
+        .arg("events")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr events");
+    std::thread::sleep(Duration::from_millis(300));
     c.ok(&["task", "kill", id]);
     c.wait_status(id, "STOPPED");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = events.kill();
+    let mut seen = String::new();
+    let _ = events.stdout.take().unwrap().read_to_string(&mut seen);
+    let _ = events.wait();
+    let exit = seen.lines().find(|l| l.contains("/tasks/exit"));
+    assert!(
+        exit.is_some_and(|l| l.contains(id) && l.contains("143")),
+        "a /tasks/exit event for {id} with status 143 in: {seen}"
+    );
     let deleted = c.ctr(&["task", "delete", id], SLOW);
     assert!(
         deleted.err.contains("143") || deleted.code == 0,
@@ -438,7 +454,11 @@ fn a_killed_shim_ends_its_task_and_its_vm_goes() {
 #[test]
 fn bad_bundles_are_refused_through_ctr_with_the_reason() {
     let c = Containerd::start("bad");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--with-ns", "network:/var/run/netns/wisp-none-such"],
+            "cannot open the network namespace /var/run/netns/wisp-none-such",
+        ),
         (
             &[
                 "--mount",
@@ -480,20 +500,23 @@ fn bad_bundles_are_refused_through_ctr_with_the_reason() {
 struct Pod {
     ns: String,
     host_if: String,
+    /// eth0's MAC as CNI left it.
+    mac: String,
 }
 
 impl Pod {
     fn new() -> Pod {
         let pid = std::process::id();
-        let p = Pod {
+        let mut p = Pod {
             ns: format!("wisp-ctd-{pid}"),
             host_if: format!("wctd{}", pid % 100_000),
+            mac: String::new(),
         };
         let sh = |args: &[&str]| {
             let s = Command::new("ip").args(args).status().unwrap();
             assert!(s.success(), "ip {args:?}");
         };
-        let _ = Command::new("ip").args(["netns", "del", &p.ns]).status();
+        let _ = Command::new("ip").args(["netns", "del", &p.ns]).output();
         sh(&["netns", "add", &p.ns]);
         sh(&[
             "link", "add", &p.host_if, "type", "veth", "peer", "name", "eth0", "netns", &p.ns,
@@ -510,6 +533,18 @@ impl Pod {
             v.extend_from_slice(a);
             sh(&v);
         }
+        let out = Command::new("ip")
+            .args(["-n", &p.ns, "-o", "link", "show", "eth0"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        p.mac = text
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
+        assert!(!p.mac.is_empty(), "eth0's MAC: {text}");
         p
     }
 
@@ -541,16 +576,24 @@ fn a_network_namespace_brings_the_pod_address_into_the_guest() {
     let pod = Pod::new();
     let server = TcpListener::bind("10.201.7.1:0").unwrap();
     let port = server.local_addr().unwrap().port();
+    let host_if = pod.host_if.clone();
     let serve = std::thread::spawn(move || {
         let (mut s, peer) = server.accept().unwrap();
         let mut buf = [0u8; 1024];
         let _ = s.read(&mut buf);
+        // While the guest is up (the namespace's restore later flaps the veth, and the
+        // host forgets its neighbours): the host's entry for the pod's address.
+        let neigh = Command::new("ip")
+            .args(["neigh", "show", "10.201.7.2", "dev", &host_if])
+            .output()
+            .unwrap();
         let body = format!("seen from {}", peer.ip());
         let _ = write!(
             s,
             "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
+        String::from_utf8_lossy(&neigh.stdout).into_owned()
     });
     let ns = format!("network:{}", pod.path());
     let url = format!("http://10.201.7.1:{port}/");
@@ -577,18 +620,38 @@ fn a_network_namespace_brings_the_pod_address_into_the_guest() {
         r.out, "seen from 10.201.7.2",
         "the guest has the pod's address"
     );
-    serve.join().unwrap();
+    // The guest speaks with the veth's MAC, so the host's entry for the pod's address
+    // stays right.
+    let neigh = serve.join().unwrap();
+    assert!(
+        neigh.contains(&pod.mac),
+        "the host's neighbour entry: {neigh:?}, eth0's MAC {}",
+        pod.mac
+    );
     // The namespace is as CNI left it.
     let addr = pod.addr_of_eth0();
     assert!(
         addr.contains("10.201.7.2/24"),
         "eth0 got its address back: {addr}"
     );
-    let bridge = Command::new("ip")
-        .args(["-n", &pod.ns, "link", "show", "wisp0"])
+    // No bridge, no TAP: only what CNI made.
+    let links = Command::new("ip")
+        .args(["-n", &pod.ns, "-o", "link", "show"])
         .output()
         .unwrap();
-    assert!(!bridge.status.success(), "the bridge is gone");
+    let names: Vec<String> = String::from_utf8_lossy(&links.stdout)
+        .lines()
+        .filter_map(|l| Some(l.split(": ").nth(1)?.split('@').next()?.to_string()))
+        .collect();
+    assert_eq!(names, ["lo", "eth0"], "the bridge and the TAP are gone");
+    let mac = Command::new("ip")
+        .args(["-n", &pod.ns, "-o", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&mac.stdout).contains(&pod.mac),
+        "eth0 has its MAC back"
+    );
     c.assert_clean();
 }
 
@@ -636,5 +699,40 @@ fn a_pod_sandbox_holds_its_network_namespace_without_a_vm() {
     c.wait_status("pause", "STOPPED");
     let _ = c.ctr(&["task", "delete", "pause"], SLOW);
     c.ok(&["container", "rm", "pause"]);
+    c.assert_clean();
+}
+
+#[test]
+fn without_a_network_namespace_the_vm_gets_user_mode_nat() {
+    let c = Containerd::start("nat");
+    // passt's gateway address (10.0.2.2) reaches the host's loopback.
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let serve = std::thread::spawn(move || {
+        let (mut s, _) = server.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\nfrom nat");
+    });
+    let url = format!("http://10.0.2.2:{port}/");
+    let r = c.ctr(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "natpod",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &url,
+        ],
+        SLOW,
+    );
+    assert_eq!(r.code, 0, "{}{}\n{}", r.out, r.err, c.log());
+    assert_eq!(r.out, "from nat");
+    serve.join().unwrap();
     c.assert_clean();
 }

@@ -23,27 +23,17 @@ const APPLETS: [&str; 11] = [
 
 /// The userland layer: busybox, its applets, a user `app` (1000:1001).
 fn base_layer() -> Vec<u8> {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/install-deps.sh)");
-    let names: Vec<String> = APPLETS.iter().map(|a| format!("bin/{a}")).collect();
-    let mut items = vec![
-        Item::Dir("bin", 0o755),
-        Item::File("bin/busybox", &busybox, 0o755, 0),
-        Item::Dir("etc", 0o755),
-        Item::File(
-            "etc/passwd",
-            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:app:/home/app:/bin/sh\n",
-            0o644,
-            0,
-        ),
-        Item::File("etc/group", b"root:x:0:\napp:x:1001:\n", 0o644, 0),
-        Item::File("etc/gone", b"lower layer", 0o644, 0),
-        Item::Dir("opq", 0o755),
-        Item::File("opq/lower", b"hidden by the opaque marker", 0o644, 0),
-        Item::Dir("srv", 0o755),
-        Item::Dir("tmp", 0o1777),
-    ];
-    items.extend(names.iter().map(|n| Item::Symlink(n, "busybox")));
-    fixture::tar(&items).expect("tar")
+    fixture::busybox_layer(
+        &APPLETS,
+        b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:app:/home/app:/bin/sh\n",
+        b"root:x:0:\napp:x:1001:\n",
+        &[
+            Item::File("etc/gone", b"lower layer", 0o644, 0),
+            Item::Dir("opq", 0o755),
+            Item::File("opq/lower", b"hidden by the opaque marker", 0o644, 0),
+        ],
+    )
+    .expect("layer")
 }
 
 /// The upper layer: a whiteout, an opaque directory, a setuid file of uid 1000, a

@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::digest::sha256_of;
 
 /// One file of a layer.
+#[derive(Clone, Copy)]
 pub enum Item<'a> {
     /// A directory with its mode.
     Dir(&'a str, u32),
@@ -23,6 +24,36 @@ pub enum Item<'a> {
     Whiteout(&'a str),
     /// An opaque marker for the named directory.
     Opaque(&'a str),
+}
+
+/// A userland layer for tests: the host's `/bin/busybox` (Debian's busybox-static) with
+/// a symlink in `bin/` per applet, `etc/passwd` and `etc/group` as given, `srv` and a
+/// world-writable `tmp`, then `extra`.
+pub fn busybox_layer(
+    applets: &[&str],
+    passwd: &[u8],
+    group: &[u8],
+    extra: &[Item<'_>],
+) -> io::Result<Vec<u8>> {
+    let busybox = fs::read("/bin/busybox").map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("/bin/busybox (busybox-static, scripts/install-deps.sh): {e}"),
+        )
+    })?;
+    let names: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
+    let mut items = vec![
+        Item::Dir("bin", 0o755),
+        Item::File("bin/busybox", &busybox, 0o755, 0),
+        Item::Dir("etc", 0o755),
+        Item::File("etc/passwd", passwd, 0o644, 0),
+        Item::File("etc/group", group, 0o644, 0),
+        Item::Dir("srv", 0o755),
+        Item::Dir("tmp", 0o1777),
+    ];
+    items.extend(names.iter().map(|n| Item::Symlink(n, "busybox")));
+    items.extend(extra.iter().copied());
+    tar(&items)
 }
 
 /// A layer as uncompressed tar bytes.

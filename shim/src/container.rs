@@ -10,7 +10,6 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -252,9 +251,11 @@ impl Container {
         };
         let mut held = Vec::new();
         if !s.stderr.is_empty() {
+            // Read-write: a write-only open fails (ENXIO) while containerd has not
+            // opened its end yet.
             let f = OpenOptions::new()
+                .read(true)
                 .write(true)
-                .custom_flags(libc::O_NONBLOCK)
                 .open(&s.stderr)
                 .map_err(io_err(format!("cannot open stderr {}", s.stderr)))?;
             held.push(f);
@@ -305,6 +306,7 @@ impl Container {
     }
 
     /// Starts the VM and waits until it answers on its control socket. Returns its pid.
+    /// If it does not start, the task has ended with status 1 (or the VM's).
     pub fn start(self: &Arc<Self>) -> Result<u32, ContainerError> {
         if self.life().status != Status::Created {
             return Err(ContainerError::State(format!(
@@ -312,6 +314,22 @@ impl Container {
                 self.id
             )));
         }
+        let started = self.spawn();
+        if started.is_err() {
+            // Nothing runs: the task has ended (containerd's Wait returns, Delete works).
+            let mut l = self.life();
+            if l.status == Status::Created {
+                l.status = Status::Stopped;
+                l.exit_status = 1;
+                l.exited_at = Some(std::time::SystemTime::now());
+                drop(l);
+                self.changed.notify_all();
+            }
+        }
+        started
+    }
+
+    fn spawn(self: &Arc<Self>) -> Result<u32, ContainerError> {
         let (input, output, held) = self.open_stdio()?;
         let ns_file = match &self.spec.netns {
             Some(p) => Some(File::open(p).map_err(io_err(format!(
@@ -331,8 +349,12 @@ impl Container {
             let plan = match &self.spec.netns {
                 Some(ns) => {
                     let plan = Plan::read(ns, self.id.as_bytes())?;
-                    plan.apply()?;
+                    // Written first: a crash from here on is undone by `delete`.
                     let _ = fs::write(self.work.join("net.json"), plan.to_json());
+                    if let Err(e) = plan.apply() {
+                        self.restore_net();
+                        return Err(e.into());
+                    }
                     Some(plan)
                 }
                 None => None,
@@ -353,7 +375,13 @@ impl Container {
             }
         }
         cmd.stdin(input).stdout(output).stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(io_err("cannot start wisp"))?;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                self.restore_net();
+                return Err(io_err("cannot start wisp")(e));
+            }
+        };
         drop(ns_file);
         let pid = child.id();
         let _ = fs::write(self.work.join("pid"), pid.to_string());
@@ -422,6 +450,12 @@ impl Container {
                 return Ok(());
             }
             if t0.elapsed() > START_TIMEOUT {
+                // It failed to start: it ends here, before the error goes back.
+                let pid = self.life().pid as i32;
+                // SAFETY: kill has no memory effects; the pid is our child, not yet
+                // reaped (the status is not Stopped).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                self.wait();
                 return Err(ContainerError::Start(format!(
                     "no answer on {sock} after {} s",
                     START_TIMEOUT.as_secs()
@@ -431,7 +465,8 @@ impl Container {
         }
     }
 
-    fn exited(&self, code: i32) {
+    /// Puts the network namespace back, if the shim changed it.
+    fn restore_net(&self) {
         let net = self.work.join("net.json");
         if let Some(plan) = fs::read_to_string(&net)
             .ok()
@@ -440,6 +475,10 @@ impl Container {
             plan.restore();
             let _ = fs::remove_file(net);
         }
+    }
+
+    fn exited(&self, code: i32) {
+        self.restore_net();
         let mut l = self.life();
         l.exit_status = match l.killed_by {
             Some(sig) => 128 + sig,
@@ -557,9 +596,10 @@ impl Container {
         ))
     }
 
-    /// After the task ended: the rootfs unmounted, the work directory removed.
+    /// After the task ended (or never started): the rootfs unmounted, the work
+    /// directory removed.
     pub fn cleanup(&self) -> Result<(), ContainerError> {
-        if self.life().status != Status::Stopped {
+        if matches!(self.life().status, Status::Running | Status::Paused) {
             return Err(ContainerError::State(format!(
                 "task {} is running: kill it first",
                 self.id
@@ -591,8 +631,9 @@ pub fn cleanup_after_crash(namespace: &str, id: &str, bundle: &Path) -> u32 {
         .ok()
         .and_then(|p| p.trim().parse::<i32>().ok())
         .unwrap_or(0);
-    if pid > 0 && is_wisp(pid) {
-        // SAFETY: kill has no memory effects; the pid was checked to be a wisp process.
+    if pid > 0 && is_ours(pid) {
+        // SAFETY: kill has no memory effects; the pid was checked to be the VM's wisp
+        // or a sandbox's holder.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let t0 = Instant::now();
         while alive(pid) && t0.elapsed() < Duration::from_secs(10) {
@@ -622,6 +663,11 @@ fn alive(pid: i32) -> bool {
         .is_some_and(|zombie| !zombie)
 }
 
-fn is_wisp(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "wisp")
+/// Whether `pid` is a wisp or a sandbox holder (`containerd-shim-wisp-v2 __hold-netns`):
+/// the pid file may be stale, and the pid reused.
+fn is_ours(pid: i32) -> bool {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut args = cmdline.split(|b| *b == 0);
+    let exe = args.next().unwrap_or_default();
+    exe.ends_with(b"/wisp") || args.next() == Some(crate::HOLD_ARG.as_bytes())
 }
