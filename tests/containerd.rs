@@ -552,6 +552,33 @@ impl Pod {
         format!("/var/run/netns/{}", self.ns)
     }
 
+    /// No bridge, no TAP: only what CNI made, eth0 with its MAC and address.
+    fn assert_as_cni_left_it(&self, when: &str) {
+        let links = Command::new("ip")
+            .args(["-n", &self.ns, "-o", "link", "show"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&links.stdout);
+        let names: Vec<String> = text
+            .lines()
+            .filter_map(|l| Some(l.split(": ").nth(1)?.split('@').next()?.to_string()))
+            .collect();
+        assert_eq!(
+            names,
+            ["lo", "eth0"],
+            "{when}: the bridge and the TAP are gone"
+        );
+        assert!(
+            text.contains(&self.mac),
+            "{when}: eth0 has its MAC back: {text}"
+        );
+        let addr = self.addr_of_eth0();
+        assert!(
+            addr.contains("10.201.7.2/24"),
+            "{when}: eth0 has its address back: {addr}"
+        );
+    }
+
     fn addr_of_eth0(&self) -> String {
         let out = Command::new("ip")
             .args(["-n", &self.ns, "-4", "-o", "addr", "show", "dev", "eth0"])
@@ -628,30 +655,30 @@ fn a_network_namespace_brings_the_pod_address_into_the_guest() {
         "the host's neighbour entry: {neigh:?}, eth0's MAC {}",
         pod.mac
     );
-    // The namespace is as CNI left it.
-    let addr = pod.addr_of_eth0();
+    pod.assert_as_cni_left_it("after a run");
+    // SIGKILL reaches wisp itself, which then cannot remove its TAP: the shim does.
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--with-ns",
+        &ns,
+        IMAGE,
+        "killed",
+        "sleep",
+        "1000",
+    ]);
+    c.ok(&["task", "kill", "-s", "SIGKILL", "killed"]);
+    c.wait_status("killed", "STOPPED");
+    let deleted = c.ctr(&["task", "delete", "killed"], SLOW);
     assert!(
-        addr.contains("10.201.7.2/24"),
-        "eth0 got its address back: {addr}"
+        deleted.err.contains("137") || deleted.code == 0,
+        "{}",
+        deleted.err
     );
-    // No bridge, no TAP: only what CNI made.
-    let links = Command::new("ip")
-        .args(["-n", &pod.ns, "-o", "link", "show"])
-        .output()
-        .unwrap();
-    let names: Vec<String> = String::from_utf8_lossy(&links.stdout)
-        .lines()
-        .filter_map(|l| Some(l.split(": ").nth(1)?.split('@').next()?.to_string()))
-        .collect();
-    assert_eq!(names, ["lo", "eth0"], "the bridge and the TAP are gone");
-    let mac = Command::new("ip")
-        .args(["-n", &pod.ns, "-o", "link", "show", "eth0"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&mac.stdout).contains(&pod.mac),
-        "eth0 has its MAC back"
-    );
+    c.ok(&["container", "rm", "killed"]);
+    pod.assert_as_cni_left_it("after a SIGKILL");
     c.assert_clean();
 }
 

@@ -520,8 +520,9 @@ impl Container {
             }
             Status::Running | Status::Paused => {
                 l.killed_by.get_or_insert(sig);
-                // The sandbox holder ends on the signal itself; wisp on SIGTERM.
-                let s = if self.sandbox {
+                // The sandbox holder ends on the signal itself; wisp stops the VM cleanly
+                // on SIGTERM, and a SIGKILL (containerd's last word) is passed on.
+                let s = if self.sandbox || sig == libc::SIGKILL as u32 {
                     libc::SIGKILL
                 } else {
                     libc::SIGTERM

@@ -173,13 +173,26 @@ impl Plan {
         let ns = &self.ns;
         let i = self.iface.as_str();
         let addr = format!("{}/{}", self.addr, self.prefix);
-        let mut steps: Vec<Vec<&str>> = vec![
+        // A TAP wisp could not remove (it was killed) is still on the bridge.
+        let taps: Vec<String> = json(ns, &["-j", "link", "show", "master", BRIDGE])
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .filter(|n| *n != self.iface)
+            .collect();
+        let mut steps: Vec<Vec<&str>> = taps
+            .iter()
+            .map(|t| vec!["link", "del", t.as_str()])
+            .collect();
+        steps.extend([
             vec!["link", "del", BRIDGE],
             vec!["link", "set", i, "down"],
             vec!["link", "set", i, "address", &self.mac],
             vec!["link", "set", i, "up"],
             vec!["addr", "add", &addr, "dev", i],
-        ];
+        ]);
         if let Some(gw) = &self.gateway {
             steps.push(vec!["route", "add", "default", "via", gw, "dev", i]);
         }
