@@ -163,7 +163,10 @@ pub fn prepare(
         hostname: hostname.to_string(),
     };
     let mut guest_hostname = hostname.to_string();
-    let mut copies = Vec::new();
+    // Bind-mounted files (bundles): `dir`/`file` keys for the init, and the files,
+    // which go into the cpio as wisp/files/N.
+    let mut bind_keys = Vec::new();
+    let mut files = Vec::new();
     let (disk, proc, scratch_disk) = match &r {
         ImageRef::Dir(root) => {
             if !root.is_dir() {
@@ -186,7 +189,20 @@ pub fn prepare(
             }
             let b = wisp_image::Bundle::open(dir)?;
             guest_hostname = b.hostname.clone();
-            copies = b.copies;
+            // Read before the packing: a file that cannot be read is an error, not a
+            // slow one.
+            for c in &b.copies {
+                match c {
+                    Copy::Dir(guest) => process::put_pair(&mut bind_keys, "dir", guest),
+                    Copy::File(host, guest, mode) => {
+                        let data = std::fs::read(host).with_context(|| {
+                            format!("cannot read {} (bind-mounted at {guest})", host.display())
+                        })?;
+                        process::put_pair(&mut bind_keys, "file", &format!("{mode:o} {guest}"));
+                        files.push((format!("wisp/files/{}", files.len()), *mode, data));
+                    }
+                }
+            }
             let disk = pack_scratch(&b.rootfs, work_dir, hostname)?;
             (disk.clone(), b.process, Some(disk))
         }
@@ -203,20 +219,7 @@ pub fn prepare(
         }
     };
     let mut run = process::run_file(&proc, "/dev/vda", &guest_hostname);
-    // Bind-mounted files: in the cpio as wisp/files/N, created by the init.
-    let mut files = Vec::new();
-    for c in &copies {
-        match c {
-            Copy::Dir(guest) => process::put_pair(&mut run, "dir", guest),
-            Copy::File(host, guest, mode) => {
-                let data = std::fs::read(host).with_context(|| {
-                    format!("cannot read {} (bind-mounted at {guest})", host.display())
-                })?;
-                process::put_pair(&mut run, "file", &format!("{mode:o} {guest}"));
-                files.push((format!("wisp/files/{}", files.len()), *mode, data));
-            }
-        }
-    }
+    run.extend(bind_keys);
     if run.len() > process::MAX_RUN_FILE {
         bail!(
             "image {r}: its command, environment and bind mounts take {} bytes; wisp passes at most {}",
