@@ -241,14 +241,7 @@ impl KindReport {
             "density_mib_per_instance",
             density.iter().map(|d| d.mib_per_instance).collect(),
         );
-        Self {
-            kind,
-            status: Status::Ok,
-            note: None,
-            runs: Some(runs),
-            figures,
-            ratios: BTreeMap::new(),
-        }
+        Self::with_figures(kind, runs, figures)
     }
 }
 
