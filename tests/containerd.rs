@@ -189,6 +189,15 @@ impl Containerd {
         }
     }
 
+    /// The shim of container `id` left no socket in /run/containerd/s/ (where containerd
+    /// 1.6 names it: the SHA-256 of ADDRESS/NAMESPACE/ID).
+    fn assert_no_shim_socket(&self, id: &str) {
+        let key = format!("{}/default/{id}", self.dir.join("ctd.sock").display());
+        let path =
+            Path::new("/run/containerd/s").join(wisp_image::digest::sha256_of(key.as_bytes()));
+        assert!(!path.exists(), "the shim of {id} left {}", path.display());
+    }
+
     /// Nothing of the shim's is left: no work directory, no VM or shim process of this
     /// containerd, no mount under its state.
     fn assert_clean(&self) {
@@ -324,6 +333,7 @@ fn a_container_runs_as_a_vm_with_the_output_and_exit_status_it_has_under_runc() 
     assert_eq!(wisp.out, runc.out, "the same bytes as under runc");
     assert_eq!(c.task_status("under-wisp"), None);
     c.assert_clean();
+    c.assert_no_shim_socket("under-wisp");
 }
 
 #[test]
@@ -449,6 +459,7 @@ fn a_killed_shim_ends_its_task_and_its_vm_goes() {
     let _ = c.ctr(&["task", "delete", id], SLOW);
     c.ok(&["container", "rm", id]);
     c.assert_clean();
+    c.assert_no_shim_socket(id);
 }
 
 #[test]

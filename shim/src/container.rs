@@ -656,6 +656,24 @@ pub fn cleanup_after_crash(namespace: &str, id: &str, bundle: &Path) -> u32 {
     pid.max(0) as u32
 }
 
+/// Removes a shim's socket file (`unix://PATH` or PATH): this shim's own (`ours`), or a
+/// dead shim's if nothing listens on it.
+pub fn remove_socket(address: &str, ours: bool) {
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(address));
+    let is_socket = fs::symlink_metadata(path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+    if address.is_empty() || !is_socket {
+        return;
+    }
+    if !ours && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        // Another shim serves it (containerd reuses a shim per grouping).
+        return;
+    }
+    if let Err(e) = fs::remove_file(path) {
+        log::warn!("cannot remove {}: {e}", path.display());
+    }
+}
+
 /// Whether `pid` runs (a zombie does not).
 fn alive(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -42,6 +42,11 @@ pub struct Service {
     namespace: String,
     id: String,
     bundle: String,
+    /// This shim's ttrpc socket (`unix:///run/containerd/s/...`), empty for `start`
+    /// and `delete`.
+    socket: String,
+    /// containerd's address (`-address`).
+    address: String,
     containers: Arc<Mutex<HashMap<String, Arc<Container>>>>,
     publisher: Option<Arc<RemotePublisher>>,
 }
@@ -111,6 +116,8 @@ impl containerd_shim::Shim for Service {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle: args.bundle.clone(),
+            socket: args.socket.clone(),
+            address: args.address.clone(),
             containers: Arc::new(Mutex::new(HashMap::new())),
             publisher: None,
         }
@@ -129,6 +136,14 @@ impl containerd_shim::Shim for Service {
             self.bundle.clone().into()
         };
         let pid = container::cleanup_after_crash(&self.namespace, &self.id, Path::new(&bundle));
+        // The dead shim's socket, where containerd 1.6 names it: /run/containerd/s/ and
+        // the SHA-256 of ADDRESS/NAMESPACE/ID.
+        let key = format!("{}/{}/{}", self.address, self.namespace, self.id);
+        let socket = format!(
+            "/run/containerd/s/{}",
+            wisp_image::digest::sha256_of(key.as_bytes())
+        );
+        container::remove_socket(&socket, false);
         Ok(DeleteResponse {
             pid,
             exit_status: 128 + libc::SIGKILL as u32,
@@ -139,6 +154,9 @@ impl containerd_shim::Shim for Service {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // The crate removes the socket named in the bundle's `address` file, which
+        // containerd has deleted with the bundle by now: the socket would stay behind.
+        container::remove_socket(&self.socket, true);
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
