@@ -317,13 +317,9 @@ impl Container {
         let started = self.spawn();
         if started.is_err() {
             // Nothing runs: the task has ended (containerd's Wait returns, Delete works).
-            let mut l = self.life();
+            let l = self.life();
             if l.status == Status::Created {
-                l.status = Status::Stopped;
-                l.exit_status = 1;
-                l.exited_at = Some(std::time::SystemTime::now());
-                drop(l);
-                self.changed.notify_all();
+                self.end(l, 1);
             }
         }
         started
@@ -479,11 +475,18 @@ impl Container {
 
     fn exited(&self, code: i32) {
         self.restore_net();
-        let mut l = self.life();
-        l.exit_status = match l.killed_by {
+        let l = self.life();
+        let status = match l.killed_by {
             Some(sig) => 128 + sig,
             None => u32::try_from(code).unwrap_or(255),
         };
+        self.end(l, status);
+    }
+
+    /// The task has ended with `exit_status`: Stopped, the FIFOs it held closed, and
+    /// every [`Container::wait`] woken.
+    fn end(&self, mut l: MutexGuard<'_, Life>, exit_status: u32) {
+        l.exit_status = exit_status;
         l.exited_at = Some(std::time::SystemTime::now());
         l.status = Status::Stopped;
         l.held.clear();
@@ -511,11 +514,7 @@ impl Container {
                 self.id
             ))),
             Status::Created => {
-                l.exit_status = 128 + sig;
-                l.exited_at = Some(std::time::SystemTime::now());
-                l.status = Status::Stopped;
-                drop(l);
-                self.changed.notify_all();
+                self.end(l, 128 + sig);
                 Ok(())
             }
             Status::Running | Status::Paused => {
