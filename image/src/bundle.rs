@@ -4,6 +4,7 @@
 //! a VM cannot honour are refused by name rather than silently dropped; the README's
 //! "containerd and Kubernetes" section lists both kinds.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -49,6 +50,8 @@ pub struct Bundle {
     /// The network namespace to join (a `network` namespace with a path, as CNI gives);
     /// `None`: the VM gets user-mode networking.
     pub netns: Option<PathBuf>,
+    /// `annotations`, as the runtime's caller set them (CRI marks a pod's sandbox here).
+    pub annotations: BTreeMap<String, String>,
     /// What bind mounts bring in, copied into the guest at start (a VM does not see
     /// host files): Kubernetes' /etc/hosts, /etc/resolv.conf, service-account tokens.
     pub copies: Vec<Copy>,
@@ -71,6 +74,8 @@ struct Spec {
     #[serde(default)]
     mounts: Vec<Mount>,
     linux: Option<Linux>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -161,8 +166,7 @@ impl Bundle {
             what: file.display().to_string(),
             source,
         })?;
-        let spec: Spec = serde_json::from_str(&text).map_err(|e| bad(dir, e.to_string()))?;
-        Self::from_spec(dir, spec)
+        Self::parse(dir, &text)
     }
 
     /// Parses `text` as the bundle `dir`'s config.json (for tests and fuzzing).
@@ -268,6 +272,7 @@ impl Bundle {
             cpus,
             memory_mib,
             netns,
+            annotations: spec.annotations,
             copies,
         })
     }
@@ -451,6 +456,9 @@ mod tests {
         assert_eq!((b.cpus, b.memory_mib), (DEFAULT_CPUS, DEFAULT_MEMORY_MIB));
         assert_eq!(b.netns, None);
         assert!(b.rootfs.ends_with("rootfs"));
+        assert!(b.annotations.is_empty());
+        let b = bundle(spec(json!({ "annotations": { "a.b/c": "d" } }))).unwrap();
+        assert_eq!(b.annotations.get("a.b/c").map(String::as_str), Some("d"));
     }
 
     #[test]

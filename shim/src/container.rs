@@ -148,12 +148,6 @@ fn vm_name(id: &str) -> String {
     }
 }
 
-fn is_sandbox(bundle: &Path) -> bool {
-    let text = fs::read_to_string(bundle.join("config.json")).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    v["annotations"][CONTAINER_TYPE] == "sandbox"
-}
-
 impl Container {
     /// Mounts the rootfs and checks the bundle; on an error nothing stays mounted.
     pub fn create(
@@ -195,7 +189,7 @@ impl Container {
             id: id.to_string(),
             bundle: bundle.to_path_buf(),
             stdio,
-            sandbox: is_sandbox(bundle),
+            sandbox: spec.annotations.get(CONTAINER_TYPE).map(String::as_str) == Some("sandbox"),
             spec,
             work,
             mounted,
