@@ -169,6 +169,15 @@ impl Containerd {
         r.out
     }
 
+    /// `ctr run --rm` of container `id` under wisp, with `extra` options, fetching `url`
+    /// with the image's wget.
+    fn fetch(&self, extra: &[&str], id: &str, url: &str) -> Ran {
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.extend([IMAGE, id, "wget", "-q", "-O", "-", url]);
+        self.ctr(&args, SLOW)
+    }
+
     /// The STATUS column of `ctr task ls` for `id`, if listed.
     fn task_status(&self, id: &str) -> Option<String> {
         self.ok(&["task", "ls"]).lines().find_map(|l| {
@@ -288,6 +297,29 @@ fn processes_mentioning(text: &str) -> Vec<i32> {
         }
     }
     out
+}
+
+/// One HTTP answer on a fresh port of `addr`, in a thread: `answer(peer)` gives the
+/// body and what the thread returns. Returns the port and the thread.
+fn serve_once<T: Send + 'static>(
+    addr: &str,
+    answer: impl FnOnce(std::net::IpAddr) -> (String, T) + Send + 'static,
+) -> (u16, std::thread::JoinHandle<T>) {
+    let server = TcpListener::bind((addr, 0)).unwrap();
+    let port = server.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (mut s, peer) = server.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let (body, out) = answer(peer.ip());
+        let _ = write!(
+            s,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        out
+    });
+    (port, thread)
 }
 
 /// The command both runtimes run: output from the image's files, the environment,
@@ -612,47 +644,20 @@ impl Drop for Pod {
 fn a_network_namespace_brings_the_pod_address_into_the_guest() {
     let c = Containerd::start("net");
     let pod = Pod::new();
-    let server = TcpListener::bind("10.201.7.1:0").unwrap();
-    let port = server.local_addr().unwrap().port();
     let host_if = pod.host_if.clone();
-    let serve = std::thread::spawn(move || {
-        let (mut s, peer) = server.accept().unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = s.read(&mut buf);
+    let (port, serve) = serve_once("10.201.7.1", move |peer| {
         // While the guest is up (the namespace's restore later flaps the veth, and the
         // host forgets its neighbours): the host's entry for the pod's address.
         let neigh = Command::new("ip")
             .args(["neigh", "show", "10.201.7.2", "dev", &host_if])
             .output()
             .unwrap();
-        let body = format!("seen from {}", peer.ip());
-        let _ = write!(
-            s,
-            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        String::from_utf8_lossy(&neigh.stdout).into_owned()
+        let neigh = String::from_utf8_lossy(&neigh.stdout).into_owned();
+        (format!("seen from {peer}"), neigh)
     });
     let ns = format!("network:{}", pod.path());
     let url = format!("http://10.201.7.1:{port}/");
-    let r = c.ctr(
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            "--with-ns",
-            &ns,
-            IMAGE,
-            "netpod",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            &url,
-        ],
-        SLOW,
-    );
+    let r = c.fetch(&["--with-ns", &ns], "netpod", &url);
     assert_eq!(r.code, 0, "{}{}\n{}", r.out, r.err, c.log());
     assert_eq!(
         r.out, "seen from 10.201.7.2",
@@ -744,31 +749,9 @@ fn a_pod_sandbox_holds_its_network_namespace_without_a_vm() {
 fn without_a_network_namespace_the_vm_gets_user_mode_nat() {
     let c = Containerd::start("nat");
     // passt's gateway address (10.0.2.2) reaches the host's loopback.
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = server.local_addr().unwrap().port();
-    let serve = std::thread::spawn(move || {
-        let (mut s, _) = server.accept().unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = s.read(&mut buf);
-        let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\nfrom nat");
-    });
+    let (port, serve) = serve_once("127.0.0.1", |_| ("from nat".to_string(), ()));
     let url = format!("http://10.0.2.2:{port}/");
-    let r = c.ctr(
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            "natpod",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            &url,
-        ],
-        SLOW,
-    );
+    let r = c.fetch(&[], "natpod", &url);
     assert_eq!(r.code, 0, "{}{}\n{}", r.out, r.err, c.log());
     assert_eq!(r.out, "from nat");
     serve.join().unwrap();
